@@ -1,0 +1,71 @@
+package metrics
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestWriteText(t *testing.T) {
+	r := NewRegistry()
+	c := r.Counter("derp_accepts", "Accepted connections.")
+	c.Add(3)
+	g := r.Gauge("derp_current_connections", "Current connections.")
+	g.Set(2)
+	v := r.CounterVec("derp_packets_dropped", "Dropped packets.", "reason", "kind")
+	v.With("unknown_dest", "other").Inc()
+	v.With("queue_full", "disco").Add(5)
+	r.CounterVec("xderp_unused_total", "Never touched.", "x")
+	r.GaugeFunc("xderp_answer", "Help with \\ and\nnewline.", func() float64 { return 0.5 })
+	var sb strings.Builder
+	if err := r.WriteText(&sb); err != nil {
+		t.Fatal(err)
+	}
+	want := `# HELP derp_accepts Accepted connections.
+# TYPE derp_accepts counter
+derp_accepts 3
+# HELP derp_current_connections Current connections.
+# TYPE derp_current_connections gauge
+derp_current_connections 2
+# HELP derp_packets_dropped Dropped packets.
+# TYPE derp_packets_dropped counter
+derp_packets_dropped{reason="queue_full",kind="disco"} 5
+derp_packets_dropped{reason="unknown_dest",kind="other"} 1
+# HELP xderp_answer Help with \\ and\nnewline.
+# TYPE xderp_answer gauge
+xderp_answer 0.5
+`
+	if sb.String() != want {
+		t.Fatalf("got:\n%s\nwant:\n%s", sb.String(), want)
+	}
+}
+
+func TestLabelEscaping(t *testing.T) {
+	r := NewRegistry()
+	r.CounterVec("x_total", "x", "l").With("a\"b\\c\nd").Inc()
+	var sb strings.Builder
+	r.WriteText(&sb)
+	if !strings.Contains(sb.String(), `x_total{l="a\"b\\c\nd"} 1`) {
+		t.Fatalf("bad escaping:\n%s", sb.String())
+	}
+}
+
+func TestRegisterRejectsBadNames(t *testing.T) {
+	for _, name := range []string{"", "1abc", "a-b", "a b"} {
+		func() {
+			defer func() {
+				if recover() == nil {
+					t.Errorf("name %q accepted", name)
+				}
+			}()
+			NewRegistry().Counter(name, "")
+		}()
+	}
+	r := NewRegistry()
+	r.Counter("dup", "")
+	defer func() {
+		if recover() == nil {
+			t.Error("duplicate accepted")
+		}
+	}()
+	r.Counter("dup", "")
+}
