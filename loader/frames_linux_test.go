@@ -5,8 +5,8 @@ package loader
 import (
 	"encoding/binary"
 	"errors"
-	"net/netip"
 	"hash/crc32"
+	"net/netip"
 	"slices"
 
 	"github.com/xderp/xderp/userspace/stun"

@@ -75,7 +75,9 @@ var (
 	srv6 = netip.MustParseAddrPort("[2001:db8:1::7]:3478")
 )
 
-func tsRequest() []byte { return stun.AppendRequest(nil, stun.TxID{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}) }
+func tsRequest() []byte {
+	return stun.AppendRequest(nil, stun.TxID{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12})
+}
 
 func withPort(ap netip.AddrPort, p uint16) netip.AddrPort { return netip.AddrPortFrom(ap.Addr(), p) }
 
