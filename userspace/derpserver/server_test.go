@@ -2,8 +2,8 @@ package derpserver
 
 import (
 	"bufio"
-	"context"
 	"bytes"
+	"context"
 	"crypto/rand"
 	"errors"
 	"io"

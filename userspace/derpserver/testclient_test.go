@@ -103,9 +103,9 @@ type testClient struct {
 }
 
 type clientOpts struct {
-	priv      derp.PrivateKey
-	info      *derp.ClientInfo
-	extraHdr  string
+	priv     derp.PrivateKey
+	info     *derp.ClientInfo
+	extraHdr string
 }
 
 func dialRaw(t testing.TB, addr string) net.Conn {
