@@ -110,6 +110,8 @@ type Config struct {
 	Shaping Shaping
 	// LogLevel is debug, info, warn or error (-log-level, default info).
 	LogLevel string
+	// File is the configuration file read before the command line (-config).
+	File string
 	// PrintDERPMap prints this node's DERP map entry as JSON and exits (-print-derpmap).
 	PrintDERPMap bool
 }
@@ -210,6 +212,7 @@ func NewFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 		return nil
 	})
 	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.StringVar(&c.File, "config", "", "file of flag settings, one 'name value' per line ('#' comments), applied before the command line and re-read on SIGHUP")
 	fs.BoolVar(&c.PrintDERPMap, "print-derpmap", false, "print this node's DERP map entry as JSON and exit")
 	return fs
 }
@@ -218,6 +221,11 @@ func NewFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 func Parse(args []string, out io.Writer) (*Config, error) {
 	c := new(Config)
 	fs := NewFlagSet(c, out)
+	if path := configFileArg(args); path != "" {
+		if err := applyFile(fs, path); err != nil {
+			return nil, err
+		}
+	}
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -389,6 +397,65 @@ func ReadMeshKey(path string) (string, error) {
 		}
 	}
 	return strings.ToLower(k), nil
+}
+
+// configFileArg finds -config in args without parsing the rest.
+func configFileArg(args []string) string {
+	for i, a := range args {
+		if a == "--" {
+			break
+		}
+		name, val, hasVal := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if !strings.HasPrefix(a, "-") || name != "config" {
+			continue
+		}
+		if hasVal {
+			return val
+		}
+		if i+1 < len(args) {
+			return args[i+1]
+		}
+	}
+	return ""
+}
+
+// applyFile sets flags from a file of "name value" (or "name = value")
+// lines. Errors name the file, the line and the flag.
+func applyFile(fs *flag.FlagSet, path string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fieldErr("config", "%v", err)
+	}
+	for i, line := range strings.Split(string(b), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		var name, val string
+		if n, v, ok := strings.Cut(line, "="); ok && len(strings.Fields(n)) == 1 {
+			name, val = n, v // name = value
+		} else if f := strings.Fields(line); len(f) > 0 {
+			name, val = f[0], strings.TrimSpace(strings.TrimPrefix(line, f[0])) // name value
+		}
+		name = strings.TrimLeft(strings.TrimSpace(name), "-")
+		val = strings.Trim(strings.TrimSpace(val), `"`)
+		if name == "config" {
+			return fieldErr("config", "%s:%d: a configuration file cannot name another", path, i+1)
+		}
+		f := fs.Lookup(name)
+		if f == nil {
+			return fieldErr("config", "%s:%d: unknown setting %q", path, i+1, name)
+		}
+		if val == "" {
+			if _, isBool := f.Value.(interface{ IsBoolFlag() bool }); isBool {
+				val = "true"
+			}
+		}
+		if err := fs.Set(name, val); err != nil {
+			return fieldErr(name, "%s:%d: %v", path, i+1, err)
+		}
+	}
+	return nil
 }
 
 func splitList(s string) []string {

@@ -164,4 +164,3 @@ func DetachXDP(cfg *config.Config) (string, error) {
 	}
 	return iface, nil
 }
-
