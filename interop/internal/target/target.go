@@ -335,3 +335,6 @@ func (s *Server) Metric(ctx context.Context, name string) (float64, error) {
 	}
 	return 0, fmt.Errorf("metric %s not found", name)
 }
+
+// Signal sends sig to the process.
+func (s *Server) Signal(sig os.Signal) error { return s.cmd.Process.Signal(sig) }
