@@ -49,28 +49,69 @@ func FromEnv() (Kind, error) {
 	}
 }
 
-// pkg is the Go package each kind is built from. Both resolve through the
-// interop module: xderpd through its replace directive (the checkout's
-// code), derper through the pinned tailscale.com requirement.
-func (k Kind) pkg() string {
-	if k == Reference {
-		return "tailscale.com/cmd/derper"
-	}
-	return "github.com/xderp/xderp/cmd/xderpd"
-}
+// EnvXderpdBin, if set, names a prebuilt xderpd binary to use instead of
+// building one (for example the bin/xderpd that `make build` writes).
+const EnvXderpdBin = "XDERP_XDERPD_BIN"
 
 // Build compiles the binary for k into dir and returns its path. It must
-// run with the interop module as the working directory (tests and `go run
-// ./bench` do).
+// run inside the interop module (tests and `go run ./bench` do).
+//
+// xderpd is built in the main module (the parent of the interop module),
+// not through the interop module's replace directive: there its
+// dependencies would be resolved together with tailscale.com's, and the
+// binary under test would differ from the one `make build` produces.
+// derper is built from the pinned tailscale.com requirement (a `tool` in
+// interop/go.mod).
 func Build(k Kind, dir string) (string, error) {
 	out := filepath.Join(dir, string(k))
-	cmd := exec.Command("go", "build", "-o", out, k.pkg())
+	var cmd *exec.Cmd
+	switch k {
+	case Reference:
+		cmd = exec.Command("go", "build", "-o", out, "tailscale.com/cmd/derper")
+	case Xderpd:
+		if bin := os.Getenv(EnvXderpdBin); bin != "" {
+			abs, err := filepath.Abs(bin)
+			if err != nil {
+				return "", fmt.Errorf("%s: %w", EnvXderpdBin, err)
+			}
+			if _, err := os.Stat(abs); err != nil {
+				return "", fmt.Errorf("%s: %w", EnvXderpdBin, err)
+			}
+			return abs, nil
+		}
+		root, err := mainModuleDir()
+		if err != nil {
+			return "", err
+		}
+		cmd = exec.Command("go", "build", "-o", out, "./cmd/xderpd")
+		cmd.Dir = root
+	default:
+		return "", fmt.Errorf("unknown target %q", k)
+	}
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("build %s: %w: %s", k.pkg(), err, strings.TrimSpace(stderr.String()))
+		return "", fmt.Errorf("build %s: %w: %s", k, err, strings.TrimSpace(stderr.String()))
 	}
 	return out, nil
+}
+
+// mainModuleDir finds the xderp checkout: the parent of the interop
+// module's directory.
+func mainModuleDir() (string, error) {
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("go env GOMOD: %w", err)
+	}
+	gomod := strings.TrimSpace(string(out))
+	if gomod == "" || gomod == os.DevNull {
+		return "", errors.New("not inside the interop module (run from interop/)")
+	}
+	root := filepath.Dir(filepath.Dir(gomod))
+	if _, err := os.Stat(filepath.Join(root, "go.mod")); err != nil {
+		return "", fmt.Errorf("main module not found above %s: %w", filepath.Dir(gomod), err)
+	}
+	return root, nil
 }
 
 // FreePort returns a TCP port and a UDP port on host that were free a moment
