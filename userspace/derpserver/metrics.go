@@ -97,6 +97,9 @@ type serverMetrics struct {
 	writeFlushes          *metrics.Counter
 	writeFrames           *metrics.Counter
 	writerStarts          *metrics.Counter
+	writersActive         *metrics.Gauge
+	queueWaits            *metrics.Counter
+	queueWaitTimeouts     *metrics.Counter
 	readSyscalls          *metrics.Counter
 	handshakesInProgress  *metrics.Gauge
 	restartingFrames      *metrics.Counter
@@ -184,6 +187,9 @@ func (s *Server) registerMetrics(r *metrics.Registry) {
 	m.writeFlushes = r.Counter("xderp_write_flushes_total", "Batched writes (one per flush) to client connections")
 	m.writeFrames = r.Counter("xderp_write_frames_total", "Frames written to client connections; divided by flushes gives the batch size")
 	m.writerStarts = r.Counter("xderp_writer_starts_total", "Writer goroutines started (writers exit after an idle period)")
+	m.writersActive = r.Gauge("xderp_writers_active", "Writer goroutines currently running (idle connections have none)")
+	m.queueWaits = r.Counter("xderp_queue_full_waits_total", "Times a sender waited for a full destination queue and the writer took it in time (back-pressure)")
+	m.queueWaitTimeouts = r.Counter("xderp_queue_full_wait_timeouts_total", "Times a sender's wait for a full destination queue timed out (queue marked stalled)")
 	m.readSyscalls = r.Counter("xderp_read_calls_total", "Reads from client connections after the handshake")
 	m.restartingFrames = r.Counter("xderp_restarting_frames_total", "Restarting frames written (server shutdown)")
 	m.healthFrames = r.Counter("xderp_health_frames_total", "Health frames written")

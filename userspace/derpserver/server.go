@@ -34,6 +34,7 @@ const (
 	DefaultKeepAlive        = derp.KeepAliveInterval
 	DefaultHandshakeTimeout = 10 * time.Second
 	DefaultQueueDepth       = 32
+	DefaultQueueFullWait    = 5 * time.Millisecond
 	DefaultCloseGrace       = time.Second
 	DefaultMaxSkipFrame     = derp.MaxFrameSize
 	DefaultRestartTryFor    = 5 * time.Second
@@ -82,6 +83,10 @@ type Options struct {
 	// MaxSkipFrame is the largest unknown frame skipped; longer ones close
 	// the connection. Default 1 MiB.
 	MaxSkipFrame int
+	// QueueFullWait is how long a sender may wait for a full destination
+	// queue whose writer is making progress (see enqueuePacket); default
+	// 5ms; negative means never wait (always drop the oldest packet).
+	QueueFullWait time.Duration
 	// Admit, if set, is called after the client's box has been opened.
 	Admit AdmitFunc
 	// CloseGrace is how long Close waits for clients to receive the
@@ -191,6 +196,9 @@ func New(opts Options) (*Server, error) {
 	}
 	if o.DiscoQueueDepth <= 0 {
 		o.DiscoQueueDepth = DefaultQueueDepth
+	}
+	if o.QueueFullWait == 0 {
+		o.QueueFullWait = DefaultQueueFullWait
 	}
 	if o.MaxSkipFrame <= 0 {
 		o.MaxSkipFrame = DefaultMaxSkipFrame
