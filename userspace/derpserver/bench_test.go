@@ -214,6 +214,7 @@ func BenchmarkIdleConnMemory(b *testing.B) {
 		runtime.GC()
 		runtime.ReadMemStats(&after)
 		b.ReportMetric(float64(after.HeapInuse+after.StackInuse-before.HeapInuse-before.StackInuse)/n, "bytes/conn(client+server)")
+		b.ReportMetric(float64(after.StackInuse-before.StackInuse)/n, "stack-bytes/conn")
 		b.ReportMetric(float64(runtime.NumGoroutine())/n, "goroutines/conn")
 		for _, c := range clients {
 			c.close()

@@ -3,7 +3,6 @@ package derpserver
 import (
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -154,9 +153,6 @@ func (c *sclient) readFrames(cr *connReader) error {
 		}
 		h, err := cr.next(derp.FrameHeaderLen)
 		if err != nil {
-			if errors.Is(err, io.ErrUnexpectedEOF) && cr.buffered() == 0 && cr.r == 0 && cr.w == 0 {
-				return io.EOF
-			}
 			return err
 		}
 		t, n := derp.ParseFrameHeader(h)
