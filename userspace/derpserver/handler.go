@@ -20,24 +20,27 @@ import (
 // "Derp-Fast-Start: 1"), sends its ServerKey frame and runs the handshake;
 // then a reader goroutine takes over the connection and ServeHTTP returns,
 // releasing net/http's buffers. Bytes the client sent after its request
-// headers are kept as the start of the DERP stream. Without an upgrade
-// header the answer is 426.
+// headers are kept as the start of the DERP stream. "Upgrade: websocket"
+// offering the "derp" subprotocol gets an RFC 6455 upgrade with the DERP
+// stream in binary messages; without that subprotocol it is treated as a
+// raw DERP upgrade (as derper does). Without an upgrade header the answer
+// is 426; after Close, 503.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	up := strings.ToLower(r.Header.Get("Upgrade"))
 	if up != "derp" && up != "websocket" {
 		http.Error(w, "DERP requires connection upgrade", http.StatusUpgradeRequired)
 		return
 	}
-	if up == "websocket" && offersDERPSubprotocol(r) {
-		http.Error(w, "DERP over WebSocket is not supported by this server; use Upgrade: DERP", http.StatusNotImplemented)
-		return
-	}
-	// Upgrade: websocket without the derp subprotocol is treated as a
-	// raw DERP upgrade, as the reference server does for old clients.
 	if s.closed.Load() {
 		http.Error(w, "DERP server is shutting down", http.StatusServiceUnavailable)
 		return
 	}
+	if up == "websocket" && offersDERPSubprotocol(r) {
+		s.serveWebSocket(w, r)
+		return
+	}
+	// Upgrade: websocket without the derp subprotocol is treated as a
+	// raw DERP upgrade, as the reference server does for old clients.
 	hj, ok := w.(http.Hijacker)
 	if !ok {
 		http.Error(w, "connection cannot be upgraded", http.StatusInternalServerError)

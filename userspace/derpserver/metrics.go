@@ -98,6 +98,7 @@ type serverMetrics struct {
 	writeFrames           *metrics.Counter
 	writerStarts          *metrics.Counter
 	writersActive         *metrics.Gauge
+	websocketAccepts      *metrics.Counter
 	queueWaits            *metrics.Counter
 	queueWaitTimeouts     *metrics.Counter
 	readSyscalls          *metrics.Counter
@@ -139,6 +140,7 @@ func (s *Server) registerMetrics(r *metrics.Registry) {
 	m.dupConns = r.Gauge("derp_current_dup_client_conns", "Connections belonging to keys with two or more connections")
 	m.dupConnsTotal = r.Counter("derp_total_dup_client_conns", "Connections registered while their key already had one")
 	m.accepts = r.Counter("derp_accepts", "Connections upgraded to DERP (handshake started)")
+	m.websocketAccepts = r.Counter("derp_websocket_accepts", "Connections upgraded with WebSocket (subprotocol derp)")
 	m.bytesRecv = r.Counter("derp_bytes_received", "Packet bytes received in SendPacket frames")
 	m.packetsRecv = r.Counter("derp_packets_received", "Packets received in SendPacket frames")
 	kinds := r.CounterVec("derp_packets_received_kind", "Packets received in SendPacket frames by kind (disco or other)", "kind")
