@@ -781,8 +781,6 @@ func (c *sclient) writeBatch(bufp *[]byte, b *writeBatch) (pkts, bytes uint64, e
 			break
 		}
 		switch cm.typ {
-		case derp.FrameServerInfo:
-			buf = append(buf, cm.text...) // pre-encoded frame
 		case derp.FramePeerGone:
 			buf = derp.AppendPeerGone(buf, cm.key, cm.reason)
 			if cm.reason == derp.PeerGoneNotHere {
