@@ -48,6 +48,7 @@ func BenchmarkRelayClosedLoop(b *testing.B) {
 			br := bufio.NewReaderSize(p.b.conn, 64<<10)
 			bw := bufio.NewWriterSize(p.b.conn, 64<<10)
 			fr := derp.NewFrameReader(br, 0)
+			var out []byte
 			for {
 				typ, pl, err := fr.ReadFrame()
 				if err != nil {
@@ -57,7 +58,8 @@ func BenchmarkRelayClosedLoop(b *testing.B) {
 					continue
 				}
 				relayed.Add(1)
-				bw.Write(derp.AppendSendPacket(nil, p.a.pub, pl[derp.KeyLen:]))
+				out = derp.AppendSendPacket(out[:0], p.a.pub, pl[derp.KeyLen:])
+				bw.Write(out)
 				if br.Buffered() == 0 {
 					if bw.Flush() != nil {
 						return
