@@ -246,14 +246,18 @@ func (s *Server) Close() error {
 	s.closeOnce.Do(func() {
 		s.closed.Store(true)
 		s.connsMu.Lock()
+		var hs []net.Conn
 		for nc := range s.handshaking {
-			nc.Close()
+			hs = append(hs, nc)
 		}
 		clients := make([]*sclient, 0, len(s.clients))
 		for c := range s.clients {
 			clients = append(clients, c)
 		}
 		s.connsMu.Unlock()
+		for _, nc := range hs {
+			nc.Close()
+		}
 		for _, c := range clients {
 			c.closeReason.CompareAndSwap(nil, &crServerCloseStr)
 			c.enqueueRestarting(s.opts.RestartReconnectIn, s.opts.RestartTryFor)
@@ -267,14 +271,19 @@ func (s *Server) Close() error {
 			return
 		case <-t.C:
 		}
+		// Close outside the lock: a TLS close may block on its alert.
 		s.connsMu.Lock()
+		var conns []net.Conn
 		for nc := range s.handshaking {
-			nc.Close()
+			conns = append(conns, nc)
 		}
 		for c := range s.clients {
-			c.conn.Close()
+			conns = append(conns, c.conn)
 		}
 		s.connsMu.Unlock()
+		for _, nc := range conns {
+			nc.Close()
+		}
 		<-done
 	})
 	return nil
