@@ -248,7 +248,7 @@ func runGuest(ctx context.Context, cfg Config, p *Prepared, bins []TestBinary, t
 	initrd := filepath.Join(dir, "initramfs.cpio")
 	img := Image{
 		Busybox: cfg.Busybox, Applets: applets, Modules: mods,
-		Plan: GuestPlan{Env: env, Binaries: bins, TestArgs: testArgs},
+		Plan: GuestPlan{Env: env, Binaries: bins, TestArgs: testArgs, FullOutput: cfg.Verbose},
 	}
 	if err := WriteInitramfs(ctx, initrd, img); err != nil {
 		kr.Err = fmt.Errorf("kernel %s: %w", p.Name, err)
@@ -312,7 +312,12 @@ func runHost(ctx context.Context, cfg Config, p *Prepared, bins []TestBinary, te
 	}
 	for _, b := range bins {
 		hctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
-		cmd := exec.CommandContext(hctx, b.Path, append([]string{"-test.v"}, testArgs...)...)
+		// Each binary gets a private mount namespace with a fresh bpffs on
+		// /sys/fs/bpf, as in a guest: pins never leak onto the host, and
+		// the host need not have bpffs mounted.
+		args := append([]string{"--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+			`mount -t bpf bpf /sys/fs/bpf && exec "$0" "$@"`, b.Path, "-test.v"}, testArgs...)
+		cmd := exec.CommandContext(hctx, "unshare", args...)
 		cmd.Dir = b.Dir
 		cmd.Env = environ
 		cmd.WaitDelay = 5 * time.Second
