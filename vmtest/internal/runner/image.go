@@ -62,6 +62,7 @@ func InitScript(p GuestPlan) string {
 	w("stty -F /dev/ttyS1 raw -echo 2>/dev/null")
 	w("exec 3>/dev/ttyS1")
 	w("echo %s \"$(uname -r)\" >&3", markBoot)
+	w("echo \"vmtest init: up on $(uname -r)\"")
 	for _, m := range p.Modules {
 		w("insmod /modules/%s || echo %s %s >&3", m, markModule, m)
 	}
@@ -87,6 +88,7 @@ func InitScript(p GuestPlan) string {
 	}
 	for _, bin := range p.Binaries {
 		w("cd /pkgs/%s", bin.Name)
+		w("echo 'vmtest init: running %s'", bin.Name)
 		w("echo %s %s >&3", markBegin, bin.Name)
 		w("/tests/%s.test %s >/tmp/out 2>&1", bin.Name, strings.Join(args, " "))
 		w("rc=$?")
@@ -95,6 +97,7 @@ func InitScript(p GuestPlan) string {
 		w("rm -f /tmp/out")
 	}
 	w("cd /")
+	w("echo 'vmtest init: done, rebooting'")
 	w("echo %s >&3", markDone)
 	w("exec 3>&-")
 	// With -no-reboot, a reset ends QEMU on every machine type and kernel
