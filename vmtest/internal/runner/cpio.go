@@ -75,6 +75,16 @@ func (c *cpioWriter) Dir(name string, perm uint32) {
 	c.header(name, cpioDir|perm, 0, 0, 0)
 }
 
+// MkdirAll adds dir and any parents not written yet.
+func (c *cpioWriter) MkdirAll(dir string) {
+	dir = strings.TrimPrefix(path.Clean("/"+dir), "/")
+	if c.dirs[dir] {
+		return
+	}
+	c.MkdirAll(path.Dir(dir))
+	c.Dir(dir, 0o755)
+}
+
 // File adds a regular file with the given contents.
 func (c *cpioWriter) File(name string, perm uint32, data []byte) {
 	c.header(name, cpioFile|perm, int64(len(data)), 0, 0)

@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -47,7 +48,7 @@ func InitScript(p GuestPlan) string {
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format+"\n", args...) }
 	w("#!/bin/sh")
 	w("# Written by the xderp vmtest runner.")
-	w("export PATH=/bin HOME=/root TMPDIR=/tmp")
+	w("export PATH=/usr/sbin:/bin HOME=/root TMPDIR=/tmp")
 	w("mount -t proc proc /proc")
 	w("mount -t sysfs sysfs /sys")
 	w("mount -t devtmpfs devtmpfs /dev")
@@ -136,16 +137,17 @@ func busyboxApplets(ctx context.Context, busybox string) ([]string, error) {
 
 // Image describes one initramfs.
 type Image struct {
-	Busybox string   // host path of a static busybox
-	Applets []string // busybox applets to link in /bin
-	Modules []string // host paths of module files, in load order
+	Busybox string     // host path of a static busybox
+	Applets []string   // busybox applets to link in /bin
+	Modules []string   // host paths of module files, in load order
+	Tools   []hostFile // host programs and their libraries
 	Plan    GuestPlan
 }
 
-// WriteInitramfs writes an uncompressed newc initramfs to path.
+// WriteInitramfs writes an uncompressed newc initramfs to file out.
 // The plan's Modules are filled in from img.Modules.
-func WriteInitramfs(ctx context.Context, path string, img Image) error {
-	fh, err := os.Create(path)
+func WriteInitramfs(ctx context.Context, out string, img Image) error {
+	fh, err := os.Create(out)
 	if err != nil {
 		return fmt.Errorf("write initramfs: %w", err)
 	}
@@ -163,6 +165,11 @@ func WriteInitramfs(ctx context.Context, path string, img Image) error {
 	c.File("etc/passwd", 0o644, []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"))
 	c.File("etc/group", 0o644, []byte("root:x:0:\nnogroup:x:65534:\n"))
 	c.File("etc/hosts", 0o644, []byte("127.0.0.1 localhost\n::1 localhost\n"))
+
+	for _, f := range img.Tools {
+		c.MkdirAll(path.Dir(f.Guest))
+		c.CopyFile(f.Guest, f.Mode, f.Host)
+	}
 
 	plan := img.Plan
 	plan.Modules = nil

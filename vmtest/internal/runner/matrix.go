@@ -25,6 +25,9 @@ type Matrix struct {
 	// Modules are loaded in every guest whose kernel has them as loadable
 	// modules, with their dependencies; built-in ones need nothing.
 	Modules []string `json:"modules"`
+	// Tools are host programs copied into every guest with their shared
+	// libraries (for tests that run ethtool or iproute2's ip).
+	Tools   []string `json:"tools,omitempty"`
 	Kernels []Kernel `json:"kernels"`
 }
 
@@ -94,6 +97,11 @@ func (m *Matrix) validate() error {
 	for i, mod := range m.Modules {
 		if !nameRE.MatchString(mod) {
 			return fmt.Errorf("modules[%d]: bad module name %q", i, mod)
+		}
+	}
+	for i, tool := range m.Tools {
+		if !nameRE.MatchString(tool) {
+			return fmt.Errorf("tools[%d]: bad program name %q", i, tool)
 		}
 	}
 	seen := map[string]bool{}

@@ -240,6 +240,11 @@ func runGuest(ctx context.Context, cfg Config, p *Prepared, bins []TestBinary, t
 		kr.Err = err
 		return kr
 	}
+	tools, err := ResolveTools(ctx, cfg.Matrix.Tools)
+	if err != nil {
+		kr.Err = err
+		return kr
+	}
 	dir := filepath.Join(work, p.Name)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		kr.Err = err
@@ -247,7 +252,7 @@ func runGuest(ctx context.Context, cfg Config, p *Prepared, bins []TestBinary, t
 	}
 	initrd := filepath.Join(dir, "initramfs.cpio")
 	img := Image{
-		Busybox: cfg.Busybox, Applets: applets, Modules: mods,
+		Busybox: cfg.Busybox, Applets: applets, Modules: mods, Tools: tools,
 		Plan: GuestPlan{Env: env, Binaries: bins, TestArgs: testArgs, FullOutput: cfg.Verbose},
 	}
 	if err := WriteInitramfs(ctx, initrd, img); err != nil {

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"net"
 	"os"
+	"os/exec"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -370,5 +372,36 @@ func TestKernelFeatures(t *testing.T) {
 				guest.SkipMissingFeature(t, f.name, f.path+" does not exist")
 			}
 		})
+	}
+}
+
+// TestToolsInNetns runs the host programs the matrix copies into guests
+// (ethtool, iproute2's ip) inside a test namespace, as the veth tests do to
+// turn off TX checksum offload on the sending end.
+func TestToolsInNetns(t *testing.T) {
+	guest.RequireRoot(t)
+	for _, tool := range []string{"ethtool", "ip"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			guest.Skip(t, tool+" is not installed (apt-get install ethtool iproute2)")
+		}
+	}
+	p := newNetnsPair(t)
+	// A child forked from this locked thread starts in the thread's netns.
+	run := func(name string, args ...string) string {
+		t.Helper()
+		var out []byte
+		var err error
+		p.in(t, p.a, func() { out, err = exec.Command(name, args...).CombinedOutput() })
+		if err != nil {
+			t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+		}
+		return string(out)
+	}
+	if out := run("ip", "-o", "link", "show", "dev", "xa0"); !strings.Contains(out, "xa0@") {
+		t.Errorf("ip link show in namespace A: %q, want xa0", out)
+	}
+	run("ethtool", "-K", "xa0", "tx", "off")
+	if out := run("ethtool", "-k", "xa0"); !strings.Contains(out, "tx-checksumming: off") {
+		t.Errorf("ethtool -k after turning TX offload off:\n%s", out)
 	}
 }
