@@ -43,6 +43,7 @@ func run() int {
 		matrixF  = flag.String("matrix", "", "kernel matrix file (default vmtest/kernels.json in the module)")
 		timeout  = flag.Duration("timeout", 4*time.Minute, "per-kernel limit: boot, all tests, power-off")
 		tableF   = flag.String("table", "", "also write the markdown result table to this file")
+		readmeF  = flag.String("readme", "", "replace the table between the vmtest-table markers in this markdown file")
 		busybox  = flag.String("busybox", "/bin/busybox", "static busybox for the initramfs (Debian busybox-static)")
 		qemu     = flag.String("qemu", "qemu-system-x86_64", "QEMU binary")
 		memMB    = flag.Int("mem", 1024, "guest memory in MiB")
@@ -107,6 +108,19 @@ func run() int {
 	if *tableF != "" {
 		if err := os.WriteFile(*tableF, []byte(table), 0o644); err != nil {
 			fmt.Fprintln(os.Stderr, "vmtest:", err)
+			return 1
+		}
+	}
+	if *readmeF != "" {
+		doc, err := os.ReadFile(*readmeF)
+		if err == nil {
+			var updated string
+			if updated, err = runner.ReplaceTable(string(doc), table); err == nil {
+				err = os.WriteFile(*readmeF, []byte(updated), 0o644)
+			}
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "vmtest: update %s: %v\n", *readmeF, err)
 			return 1
 		}
 	}

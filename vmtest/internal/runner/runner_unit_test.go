@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 func repoMatrix(t *testing.T) (*Matrix, string) {
@@ -333,5 +334,47 @@ func TestVerifySHA256(t *testing.T) {
 	sum := sha256.Sum256([]byte("kernel"))
 	if err := verifySHA256(p, hex.EncodeToString(sum[:])); err != nil {
 		t.Errorf("right checksum refused: %v", err)
+	}
+}
+
+func TestReplaceTable(t *testing.T) {
+	doc := "# X\n\nintro\n" + TableBegin + "\nold table\n" + TableEnd + "\n\nafter\n"
+	got, err := ReplaceTable(doc, "| new |\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "# X\n\nintro\n" + TableBegin + "\n| new |\n" + TableEnd + "\n\nafter\n"
+	if got != want {
+		t.Errorf("got %q, want %q", got, want)
+	}
+	if _, err := ReplaceTable("no markers", "t"); err == nil {
+		t.Error("a document without markers was accepted")
+	}
+}
+
+func TestMarkdownTable(t *testing.T) {
+	rep := &Report{
+		Packages: []string{"example.com/bpf"},
+		Results: []KernelResult{
+			{Kernel: Kernel{Name: "old", Floor: true, Source: Source{Type: SourceApt, Package: "linux-image-x", Version: "1", Suite: "bookworm"}},
+				Release: "6.1.0", Elapsed: 5 * time.Second,
+				Binaries: []BinaryResult{{Name: "bpf", Finished: true, Passed: 3}}},
+			{Kernel: Kernel{Name: "nojit", Missing: []string{"jit"}, Source: Source{Type: SourceHost}},
+				Release: "7.1", Elapsed: time.Second,
+				Binaries: []BinaryResult{{Name: "bpf", Finished: true, Exit: 1, Passed: 2, Failed: 1}}},
+		},
+	}
+	md := rep.Markdown()
+	for _, want := range []string{
+		"| old (floor) | 6.1.0 | `linux-image-x` 1 (bookworm) | — | PASS | 3 / 0 / 0 | 5s |",
+		"| nojit | 7.1 | host, run directly as root | jit | **FAIL** | 2 / 0 / 1 | 1s |",
+		"Kernel floor: old, Linux 6.1.0",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("table lacks %q:\n%s", want, md)
+		}
+	}
+	if rep.OK() {
+		t.Error("a report with a failing kernel is OK")
 	}
 }
