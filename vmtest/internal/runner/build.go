@@ -34,6 +34,10 @@ func BuildTests(ctx context.Context, moduleRoot, outDir string, patterns []strin
 		var stderr bytes.Buffer
 		cmd.Stderr = &stderr
 		out, err := cmd.Output()
+		if err != nil && bytes.Contains(stderr.Bytes(), []byte("no such file or directory")) {
+			log("vmtest: pattern %s matched no packages (no such directory yet)", pat)
+			continue
+		}
 		if err != nil {
 			return nil, fmt.Errorf("go list %s: %w: %s", pat, err, bytes.TrimSpace(stderr.Bytes()))
 		}
@@ -46,7 +50,7 @@ func BuildTests(ctx context.Context, moduleRoot, outDir string, patterns []strin
 			}
 			if f[4] != "" {
 				// Patterns like ./bpf/... that match nothing land here.
-				if strings.Contains(f[4], "matched no packages") || strings.Contains(f[4], "no Go files") {
+				if strings.Contains(f[4], "matched no packages") || strings.Contains(f[4], "no Go files") || strings.Contains(f[4], "no such file or directory") {
 					continue
 				}
 				return nil, fmt.Errorf("go list %s: %s", pat, f[4])

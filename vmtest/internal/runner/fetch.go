@@ -167,17 +167,28 @@ func (f *Fetcher) prepareGoMod(ctx context.Context, k Kernel) (*Prepared, error)
 		return nil, fmt.Errorf("kernel %s: %w", k.Name, err)
 	}
 	defer os.RemoveAll(tmp)
-	cmd := exec.CommandContext(ctx, "go", "mod", "download", "-json", s.Module+"@"+s.Version)
-	cmd.Dir = tmp
-	cmd.Env = append(os.Environ(), "GO111MODULE=on", "GOWORK=off", "GOFLAGS=-mod=mod")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
 	var info struct {
 		Dir, Sum, Error string
 	}
-	if jerr := json.Unmarshal(out, &info); jerr == nil && info.Error != "" {
-		err = errors.New(info.Error)
+	var stderr bytes.Buffer
+	download := func(extraEnv ...string) error {
+		cmd := exec.CommandContext(ctx, "go", "mod", "download", "-json", s.Module+"@"+s.Version)
+		cmd.Dir = tmp
+		cmd.Env = append(append(os.Environ(), "GO111MODULE=on", "GOWORK=off", "GOFLAGS=-mod=mod"), extraEnv...)
+		stderr.Reset()
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		info.Error = ""
+		if jerr := json.Unmarshal(out, &info); jerr == nil && info.Error != "" {
+			err = errors.New(info.Error)
+		}
+		return err
+	}
+	// The module cache first, without the network; download only if absent.
+	err = download("GOPROXY=off")
+	if err != nil {
+		fmt.Fprintf(f.Log, "vmtest: %s: downloading %s@%s (go mod download)\n", k.Name, s.Module, s.Version)
+		err = download()
 	}
 	if err != nil {
 		return nil, fmt.Errorf("kernel %s: go mod download %s@%s: %w\n%s", k.Name, s.Module, s.Version, err, bytes.TrimSpace(stderr.Bytes()))
