@@ -219,6 +219,9 @@ func NewFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 
 // Parse parses args (without the program name) and validates the result.
 func Parse(args []string, out io.Writer) (*Config, error) {
+	if err := rejectDerperOnly(args); err != nil {
+		return nil, err
+	}
 	c := new(Config)
 	fs := NewFlagSet(c, out)
 	if path := configFileArg(args); path != "" {
@@ -273,6 +276,8 @@ func (c *Config) Validate() error {
 	}
 	switch c.CertMode {
 	case "letsencrypt", "manual":
+	case "gcp":
+		return fieldErr("certmode", "gcp is not supported: use -certmode=letsencrypt with -acme-directory, -acme-eab-kid and -acme-eab-key")
 	default:
 		return fieldErr("certmode", "%q is not a certificate mode (letsencrypt or manual)", c.CertMode)
 	}
@@ -408,6 +413,39 @@ func ReadMeshKey(path string) (string, error) {
 		}
 	}
 	return strings.ToLower(k), nil
+}
+
+// derperOnly lists derper flags xderp does not implement, with the reason,
+// so a derper command line that relies on one fails with a clear message.
+var derperOnly = map[string]string{
+	"verify-clients":                  "client verification through a local tailscaled is not supported",
+	"verify-client-url":               "the admission webhook is not supported yet",
+	"verify-client-url-fail-open":     "the admission webhook is not supported yet",
+	"socket":                          "there is no tailscaled integration",
+	"secrets-url":                     "use -mesh-psk-file for the mesh key",
+	"secrets-path-prefix":             "use -mesh-psk-file for the mesh key",
+	"secrets-cache-dir":               "use -mesh-psk-file for the mesh key",
+	"bootstrap-dns-names":             "/bootstrap-dns is not served",
+	"unpublished-bootstrap-dns-names": "/bootstrap-dns is not served",
+	"rate-config":                     "per-client limits are enforced in XDP: see the -shape-* flags",
+	"ace":                             "the CONNECT proxy is not supported",
+	"acme-ip-certs":                   "use -certmode=manual with an IP -hostname for a pinned self-signed certificate",
+}
+
+func rejectDerperOnly(args []string) error {
+	for _, a := range args {
+		if a == "--" {
+			break
+		}
+		if !strings.HasPrefix(a, "-") {
+			continue
+		}
+		name, _, _ := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if why, ok := derperOnly[name]; ok {
+			return fieldErr(name, "derper's flag is not supported by xderp: %s", why)
+		}
+	}
+	return nil
 }
 
 // configFileArg finds -config in args without parsing the rest.
