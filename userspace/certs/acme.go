@@ -1,12 +1,15 @@
 package certs
 
 import (
+	"context"
 	"crypto/tls"
 	"encoding/base64"
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
+	"sync/atomic"
 
 	"golang.org/x/crypto/acme"
 	"golang.org/x/crypto/acme/autocert"
@@ -27,15 +30,25 @@ func (p *Provider) initACME() error {
 	if !strings.HasPrefix(dirURL, "https://") && !strings.HasPrefix(dirURL, "http://") {
 		return fmt.Errorf("certs: acme-directory %q: not an http(s) URL", dirURL)
 	}
-	hc := p.cfg.HTTPClient
-	if hc == nil && p.cfg.RootCAs != nil {
+	var base http.RoundTripper = http.DefaultTransport
+	hc := &http.Client{}
+	switch {
+	case p.cfg.HTTPClient != nil:
+		*hc = *p.cfg.HTTPClient
+		if hc.Transport != nil {
+			base = hc.Transport
+		}
+	case p.cfg.RootCAs != nil:
 		tr := http.DefaultTransport.(*http.Transport).Clone()
 		tr.TLSClientConfig = &tls.Config{RootCAs: p.cfg.RootCAs, MinVersion: tls.VersionTLS12}
-		hc = &http.Client{Transport: tr}
+		base = tr
 	}
+	// autocert has no way to stop its renewal timers; after Close these
+	// make every renewal attempt fail without touching the CA or the disk.
+	hc.Transport = closableTransport{base: base, closed: &p.closed}
 	m := &autocert.Manager{
 		Prompt:      autocert.AcceptTOS,
-		Cache:       autocert.DirCache(p.cfg.Dir),
+		Cache:       closableCache{Cache: autocert.DirCache(p.cfg.Dir), closed: &p.closed},
 		HostPolicy:  autocert.HostWhitelist(host),
 		RenewBefore: p.cfg.RenewBefore,
 		Email:       p.cfg.ACMEEmail,
@@ -83,6 +96,7 @@ func (p *Provider) getACME(hello *tls.ClientHelloInfo) (*tls.Certificate, error)
 		h.ServerName = p.cfg.Hostname
 		hello = &h
 	}
+	hello = preferECDSA(hello)
 	c, err := p.acm.GetCertificate(hello)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrNoCertificate, err)
@@ -91,4 +105,61 @@ func (p *Provider) getACME(hello *tls.ClientHelloInfo) (*tls.Certificate, error)
 		p.m.noteExpiryLeaf(p.cfg.Hostname, c.Leaf)
 	}
 	return p.withMeta(c), nil
+}
+
+var errClosed = errors.New("certs: provider closed")
+
+type closableTransport struct {
+	base   http.RoundTripper
+	closed *atomic.Bool
+}
+
+func (t closableTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	if t.closed.Load() {
+		return nil, errClosed
+	}
+	return t.base.RoundTrip(r)
+}
+
+type closableCache struct {
+	autocert.Cache
+	closed *atomic.Bool
+}
+
+func (c closableCache) Get(ctx context.Context, name string) ([]byte, error) {
+	if c.closed.Load() {
+		return nil, autocert.ErrCacheMiss
+	}
+	return c.Cache.Get(ctx, name)
+}
+
+func (c closableCache) Put(ctx context.Context, name string, data []byte) error {
+	if c.closed.Load() {
+		return errClosed
+	}
+	return c.Cache.Put(ctx, name, data)
+}
+
+func (c closableCache) Delete(ctx context.Context, name string) error {
+	if c.closed.Load() {
+		return errClosed
+	}
+	return c.Cache.Delete(ctx, name)
+}
+
+// preferECDSA lets autocert pick its ECDSA certificate for TLS 1.3-only
+// clients. autocert decides by looking for an ECDHE_ECDSA TLS 1.2 cipher
+// suite; a client offering only TLS 1.3 lists none, yet in TLS 1.3 the
+// suite does not constrain the certificate, only the signature schemes do.
+// Without this, such a client would make autocert order a second (RSA)
+// certificate.
+func preferECDSA(hello *tls.ClientHelloInfo) *tls.ClientHelloInfo {
+	if !slices.Contains(hello.SupportedVersions, tls.VersionTLS13) ||
+		!slices.Contains(hello.SignatureSchemes, tls.ECDSAWithP256AndSHA256) ||
+		slices.Contains(hello.CipherSuites, tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256) {
+		return hello
+	}
+	h := *hello
+	h.CipherSuites = append(slices.Clip(hello.CipherSuites), tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)
+	return &h
 }

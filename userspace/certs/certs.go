@@ -129,6 +129,7 @@ type Provider struct {
 
 	m         *tlsMetrics
 	closeOnce sync.Once
+	closed    atomic.Bool
 }
 
 // loadedCert is one validated certificate/key pair.
@@ -276,7 +277,17 @@ func (p *Provider) HTTPHandler(fallback http.Handler) http.Handler {
 	if p.acm == nil {
 		return fallback
 	}
-	return p.acm.HTTPHandler(fallback)
+	h := p.acm.HTTPHandler(fallback)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// autocert checks the host policy against r.Host verbatim; a
+		// validator that writes "name:port" must still match the name.
+		if host, _, err := net.SplitHostPort(r.Host); err == nil && strings.HasPrefix(r.URL.Path, "/.well-known/acme-challenge/") {
+			r2 := *r
+			r2.Host = host
+			r = &r2
+		}
+		h.ServeHTTP(w, r)
+	})
 }
 
 // CertName returns "sha256-raw:<hex>" when the served certificate is a
@@ -315,11 +326,14 @@ func (p *Provider) Hostname() string { return p.cfg.Hostname }
 // Mode returns the certificate mode.
 func (p *Provider) Mode() string { return p.cfg.Mode }
 
-// Close stops the file watcher. Established TLS connections are unaffected.
-// In letsencrypt mode autocert's renewal timers cannot be stopped; they end
-// with the process.
+// Close stops the file watcher (manual) or disarms ACME renewal
+// (letsencrypt: autocert's timers cannot be stopped, so after Close their
+// attempts fail without contacting the CA or writing the cache).
+// Certificates already loaded keep being served and established TLS
+// connections are unaffected.
 func (p *Provider) Close() error {
 	p.closeOnce.Do(func() {
+		p.closed.Store(true)
 		if p.watchStop != nil {
 			close(p.watchStop)
 			<-p.watchDone
