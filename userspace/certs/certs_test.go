@@ -20,6 +20,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -634,5 +635,74 @@ func TestCertNameEmptyForCAIssued(t *testing.T) {
 	}
 	if n := len(c.ConnectionState().PeerCertificates); n != 3 {
 		t.Errorf("chain length %d, want leaf + CA + meta", n)
+	}
+}
+
+func TestACMEHTTPHandlerRouting(t *testing.T) {
+	cfg, _, _ := baseConfig(t, t.TempDir(), "derp.example.test")
+	cfg.Mode = ModeLetsEncrypt
+	cfg.ACMEDirectory = "http://127.0.0.1:1/directory" // never contacted here
+	p, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if got := p.TLSConfig().NextProtos; !slices.Contains(got, "acme-tls/1") || !slices.Contains(got, "http/1.1") {
+		t.Errorf("NextProtos %v", got)
+	}
+	if p.TLSConfig().MinVersion != tls.VersionTLS12 {
+		t.Error("MinVersion not TLS 1.2")
+	}
+	fb := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusTeapot) })
+	h := p.HTTPHandler(fb)
+	for _, tc := range []struct {
+		host, path string
+		want       int
+	}{
+		{"derp.example.test", "/generate_204", http.StatusTeapot},
+		{"derp.example.test", "/.well-known/acme-challenge/unknown", http.StatusNotFound}, // policy ok, no token
+		{"derp.example.test:80", "/.well-known/acme-challenge/unknown", http.StatusNotFound},
+		{"other.example.test", "/.well-known/acme-challenge/unknown", http.StatusForbidden},
+	} {
+		rec := httptest.NewRecorder()
+		req := httptest.NewRequest("GET", "http://"+tc.host+tc.path, nil)
+		h.ServeHTTP(rec, req)
+		if rec.Code != tc.want {
+			t.Errorf("%s%s: %d, want %d", tc.host, tc.path, rec.Code, tc.want)
+		}
+	}
+	if p.CertName() != "" {
+		t.Errorf("CertName %q in letsencrypt mode", p.CertName())
+	}
+}
+
+func TestPreferECDSA(t *testing.T) {
+	tls13only := &tls.ClientHelloInfo{
+		SupportedVersions: []uint16{tls.VersionTLS13},
+		SignatureSchemes:  []tls.SignatureScheme{tls.ECDSAWithP256AndSHA256, tls.PSSWithSHA256},
+		CipherSuites:      []uint16{tls.TLS_AES_128_GCM_SHA256},
+	}
+	got := preferECDSA(tls13only)
+	if !slices.Contains(got.CipherSuites, tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256) {
+		t.Error("TLS 1.3 client with ECDSA signatures not steered to the ECDSA certificate")
+	}
+	if len(tls13only.CipherSuites) != 1 {
+		t.Error("caller's hello was modified")
+	}
+	rsaOnly := &tls.ClientHelloInfo{
+		SupportedVersions: []uint16{tls.VersionTLS13},
+		SignatureSchemes:  []tls.SignatureScheme{tls.PSSWithSHA256},
+		CipherSuites:      []uint16{tls.TLS_AES_128_GCM_SHA256},
+	}
+	if preferECDSA(rsaOnly) != rsaOnly {
+		t.Error("client without ECDSA signatures changed")
+	}
+	tls12 := &tls.ClientHelloInfo{
+		SupportedVersions: []uint16{tls.VersionTLS12},
+		SignatureSchemes:  []tls.SignatureScheme{tls.ECDSAWithP256AndSHA256},
+		CipherSuites:      []uint16{tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256},
+	}
+	if preferECDSA(tls12) != tls12 {
+		t.Error("TLS 1.2-only client changed: its cipher suites decide")
 	}
 }

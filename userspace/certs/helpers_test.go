@@ -118,7 +118,7 @@ type testEnv struct {
 	addr string
 }
 
-func baseConfig(t *testing.T, dir, host string) (Config, *metrics.Registry, *syncBuffer) {
+func baseConfig(t testing.TB, dir, host string) (Config, *metrics.Registry, *syncBuffer) {
 	reg := metrics.NewRegistry()
 	logs := &syncBuffer{}
 	return Config{
