@@ -39,10 +39,14 @@ func (p *Provider) initManual() error {
 			return err
 		}
 		p.log.Info("generated self-signed certificate for IP host name",
-			"hostname", p.cfg.Hostname, "crt", p.crtPath, "key", p.keyPath,
-			"certname", CertNameFor(lc.cert.Leaf.Raw))
+			"hostname", p.cfg.Hostname, "crt", p.crtPath, "key", p.keyPath)
 	}
 	p.cur.Store(lc)
+	if isSelfSigned(lc.cert.Leaf) {
+		p.log.Info("serving a self-signed certificate: pin it in the DERP map",
+			"hostname", p.cfg.Hostname, "CertName", CertNameFor(lc.cert.Leaf.Raw),
+			"not_after", lc.cert.Leaf.NotAfter.UTC().Format(time.RFC3339))
+	}
 	return nil
 }
 
