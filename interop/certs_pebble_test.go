@@ -42,23 +42,23 @@ const certsTestHost = "derp.xderp.test"
 
 var certsTestDERPKey = [32]byte{0xde, 0xad, 0xbe, 0xef, 31: 0x01}
 
-type pebbleOpts struct {
+type certsPebbleOpts struct {
 	httpPort, tlsPort int               // where the VA validates challenges
 	validity          uint64            // certificate lifetime in seconds; 0 = Pebble's default
 	eab               map[string]string // kid -> base64url HMAC key; non-empty = EAB required
 }
 
-type pebble struct {
+type certsPebble struct {
 	dirURL string
-	client *http.Client   // trusts Pebble's own TLS server
-	roots  *x509.CertPool // Pebble's issuing root
-	logs   *lockedWriter  // Pebble's log, shown on failure
+	client *http.Client       // trusts Pebble's own TLS server
+	roots  *x509.CertPool     // Pebble's issuing root
+	logs   *certsLockedWriter // Pebble's log, shown on failure
 }
 
 // startLoopbackDNS answers A queries for every name with 127.0.0.1 and
 // everything else (AAAA, CAA) with an empty NOERROR answer, over TCP (what
 // Pebble's VA uses with a custom resolver).
-func startLoopbackDNS(t *testing.T) string {
+func certsStartLoopbackDNS(t *testing.T) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -84,14 +84,14 @@ func startLoopbackDNS(t *testing.T) string {
 
 // startPebble runs Pebble's CA, VA and web front end in this process, the
 // ACME API behind an httptest TLS server on 127.0.0.1.
-func startPebble(t *testing.T, o pebbleOpts) *pebble {
+func certsStartPebble(t *testing.T, o certsPebbleOpts) *certsPebble {
 	t.Helper()
 	t.Setenv("PEBBLE_VA_NOSLEEP", "1")      // validate at once
 	t.Setenv("PEBBLE_AUTHZREUSE", "0")      // every order validates afresh (renewal too)
 	t.Setenv("PEBBLE_WFE_NONCEREJECT", "0") // no random badNonce errors
-	logs := &lockedWriter{w: &bytes.Buffer{}}
+	logs := &certsLockedWriter{w: &bytes.Buffer{}}
 	lg := log.New(logs, "pebble ", log.Lmicroseconds)
-	dnsAddr := startLoopbackDNS(t)
+	dnsAddr := certsStartLoopbackDNS(t)
 	store := db.NewMemoryStore()
 	authority := ca.New(lg, store, "", "ecdsa", 0, 1, map[string]ca.Profile{
 		"default": {Description: "test", ValidityPeriod: o.validity},
@@ -112,21 +112,21 @@ func startPebble(t *testing.T, o pebbleOpts) *pebble {
 	})
 	roots := x509.NewCertPool()
 	roots.AddCert(authority.GetRootCert(0).Cert)
-	return &pebble{dirURL: srv.URL + wfe.DirectoryPath, client: srv.Client(), roots: roots, logs: logs}
+	return &certsPebble{dirURL: srv.URL + wfe.DirectoryPath, client: srv.Client(), roots: roots, logs: logs}
 }
 
-type lockedWriter struct {
+type certsLockedWriter struct {
 	mu sync.Mutex
 	w  *bytes.Buffer
 }
 
-func (l *lockedWriter) Write(p []byte) (int, error) {
+func (l *certsLockedWriter) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.Write(p)
 }
 
-func (l *lockedWriter) String() string {
+func (l *certsLockedWriter) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.String()
@@ -134,7 +134,7 @@ func (l *lockedWriter) String() string {
 
 // freePort returns a loopback port nothing listens on (the VA gets it for
 // the challenge type a test wants to fail).
-func freePort(t *testing.T) int {
+func certsFreePort(t *testing.T) int {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -145,7 +145,7 @@ func freePort(t *testing.T) int {
 	return port
 }
 
-func listen(t *testing.T) (net.Listener, int) {
+func certsListen(t *testing.T) (net.Listener, int) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -155,7 +155,7 @@ func listen(t *testing.T) (net.Listener, int) {
 	return ln, ln.Addr().(*net.TCPAddr).Port
 }
 
-type acmeNode struct {
+type certsAcmeNode struct {
 	p       *certs.Provider
 	reg     *metrics.Registry
 	dir     string
@@ -167,9 +167,9 @@ type acmeNode struct {
 // startACMENode runs a letsencrypt-mode provider with its TLS listener on
 // tlsLn and, if httpLn is non-nil, the port-80 handler (which is what turns
 // HTTP-01 on).
-func startACMENode(t *testing.T, pb *pebble, cfg certs.Config, tlsLn, httpLn net.Listener) *acmeNode {
+func certsStartACMENode(t *testing.T, pb *certsPebble, cfg certs.Config, tlsLn, httpLn net.Listener) *certsAcmeNode {
 	t.Helper()
-	n := &acmeNode{reg: metrics.NewRegistry(), dir: filepath.Join(t.TempDir(), "acme")}
+	n := &certsAcmeNode{reg: metrics.NewRegistry(), dir: filepath.Join(t.TempDir(), "acme")}
 	cfg.Mode = certs.ModeLetsEncrypt
 	cfg.Dir = n.dir
 	cfg.Hostname = certsTestHost
@@ -177,7 +177,7 @@ func startACMENode(t *testing.T, pb *pebble, cfg certs.Config, tlsLn, httpLn net
 	cfg.HTTPClient = pb.client
 	cfg.DERPPublicKey = certsTestDERPKey
 	cfg.Metrics = n.reg
-	cfg.Logger = slog.New(slog.NewTextHandler(testLogWriter{t}, nil))
+	cfg.Logger = slog.New(slog.NewTextHandler(certsTestLogWriter{t}, nil))
 	p, err := certs.New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -207,16 +207,16 @@ func startACMENode(t *testing.T, pb *pebble, cfg certs.Config, tlsLn, httpLn net
 	return n
 }
 
-type testLogWriter struct{ t *testing.T }
+type certsTestLogWriter struct{ t *testing.T }
 
-func (w testLogWriter) Write(p []byte) (int, error) {
+func (w certsTestLogWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(p), "\n"))
 	return len(p), nil
 }
 
 // handshake connects as a client that trusts only Pebble's root, the way a
 // Tailscale client trusts a public CA, and returns the connection state.
-func handshake(t *testing.T, addr string, roots *x509.CertPool, version uint16) (tls.ConnectionState, error) {
+func certsHandshake(t *testing.T, addr string, roots *x509.CertPool, version uint16) (tls.ConnectionState, error) {
 	t.Helper()
 	d := &net.Dialer{Timeout: 10 * time.Second}
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second) // first one waits for issuance
@@ -234,7 +234,7 @@ func handshake(t *testing.T, addr string, roots *x509.CertPool, version uint16) 
 }
 
 // checkIssued asserts what every ACME-issued handshake must show.
-func checkIssued(t *testing.T, n *acmeNode, cs tls.ConnectionState) {
+func certsCheckIssued(t *testing.T, n *certsAcmeNode, cs tls.ConnectionState) {
 	t.Helper()
 	leaf := cs.PeerCertificates[0]
 	if len(leaf.DNSNames) != 1 || leaf.DNSNames[0] != certsTestHost {
@@ -297,17 +297,17 @@ func certsMetric(t *testing.T, reg *metrics.Registry, sample string) float64 {
 }
 
 func TestCertsACMEHTTP01(t *testing.T) {
-	httpLn, httpPort := listen(t)
-	tlsLn, _ := listen(t)
+	httpLn, httpPort := certsListen(t)
+	tlsLn, _ := certsListen(t)
 	// TLS-ALPN-01 is pointed at a closed port so only HTTP-01 can succeed.
-	pb := startPebble(t, pebbleOpts{httpPort: httpPort, tlsPort: freePort(t)})
-	n := startACMENode(t, pb, certs.Config{ACMEEmail: "ops@xderp.test"}, tlsLn, httpLn)
+	pb := certsStartPebble(t, certsPebbleOpts{httpPort: httpPort, tlsPort: certsFreePort(t)})
+	n := certsStartACMENode(t, pb, certs.Config{ACMEEmail: "ops@xderp.test"}, tlsLn, httpLn)
 
-	cs, err := handshake(t, n.tlsAddr, pb.roots, tls.VersionTLS13)
+	cs, err := certsHandshake(t, n.tlsAddr, pb.roots, tls.VersionTLS13)
 	if err != nil {
 		t.Fatalf("first handshake (issuance): %v", err)
 	}
-	checkIssued(t, n, cs)
+	certsCheckIssued(t, n, cs)
 	if n.challengeGets.Load() == 0 {
 		t.Error("Pebble never fetched an HTTP-01 token from the port-80 handler")
 	}
@@ -323,7 +323,7 @@ func TestCertsACMEHTTP01(t *testing.T) {
 		t.Errorf("port-80 fallback: %d Location %q", resp.StatusCode, loc)
 	}
 	// TLS 1.2 clients get the same certificate.
-	cs12, err := handshake(t, n.tlsAddr, pb.roots, tls.VersionTLS12)
+	cs12, err := certsHandshake(t, n.tlsAddr, pb.roots, tls.VersionTLS12)
 	if err != nil {
 		t.Fatalf("TLS 1.2: %v", err)
 	}
@@ -333,17 +333,17 @@ func TestCertsACMEHTTP01(t *testing.T) {
 }
 
 func TestCertsACMETLSALPN01(t *testing.T) {
-	tlsLn, tlsPort := listen(t)
+	tlsLn, tlsPort := certsListen(t)
 	// No port-80 listener at all (an operator with -http-port -1): only
 	// TLS-ALPN-01 on the TLS port. HTTP-01 is pointed at a closed port.
-	pb := startPebble(t, pebbleOpts{httpPort: freePort(t), tlsPort: tlsPort})
-	n := startACMENode(t, pb, certs.Config{}, tlsLn, nil)
+	pb := certsStartPebble(t, certsPebbleOpts{httpPort: certsFreePort(t), tlsPort: tlsPort})
+	n := certsStartACMENode(t, pb, certs.Config{}, tlsLn, nil)
 
-	cs, err := handshake(t, n.tlsAddr, pb.roots, tls.VersionTLS13)
+	cs, err := certsHandshake(t, n.tlsAddr, pb.roots, tls.VersionTLS13)
 	if err != nil {
 		t.Fatalf("first handshake (issuance): %v", err)
 	}
-	checkIssued(t, n, cs)
+	certsCheckIssued(t, n, cs)
 	if v := certsMetric(t, n.reg, "xderp_tls_acme_challenge_handshakes_total"); v < 1 {
 		t.Errorf("acme-tls/1 challenge handshakes = %v", v)
 	}
@@ -351,10 +351,10 @@ func TestCertsACMETLSALPN01(t *testing.T) {
 	// A restart with the same directory serves the cached certificate
 	// without talking to the CA.
 	n.p.Close()
-	tlsLn2, _ := listen(t)
-	cfg := certs.Config{HTTPClient: &http.Client{Transport: failingTransport{}}}
-	n2 := startACMENodeInDir(t, pb, cfg, tlsLn2, n.dir)
-	cs2, err := handshake(t, n2.tlsAddr, pb.roots, tls.VersionTLS13)
+	tlsLn2, _ := certsListen(t)
+	cfg := certs.Config{HTTPClient: &http.Client{Transport: certsFailingTransport{}}}
+	n2 := certsStartACMENodeInDir(t, pb, cfg, tlsLn2, n.dir)
+	cs2, err := certsHandshake(t, n2.tlsAddr, pb.roots, tls.VersionTLS13)
 	if err != nil {
 		t.Fatalf("handshake after restart: %v", err)
 	}
@@ -363,14 +363,14 @@ func TestCertsACMETLSALPN01(t *testing.T) {
 	}
 }
 
-type failingTransport struct{}
+type certsFailingTransport struct{}
 
-func (failingTransport) RoundTrip(*http.Request) (*http.Response, error) {
+func (certsFailingTransport) RoundTrip(*http.Request) (*http.Response, error) {
 	return nil, errors.New("CA must not be contacted")
 }
 
 // startACMENodeInDir is startACMENode reusing an existing cache directory.
-func startACMENodeInDir(t *testing.T, pb *pebble, cfg certs.Config, tlsLn net.Listener, dir string) *acmeNode {
+func certsStartACMENodeInDir(t *testing.T, pb *certsPebble, cfg certs.Config, tlsLn net.Listener, dir string) *certsAcmeNode {
 	t.Helper()
 	cfg.Mode = certs.ModeLetsEncrypt
 	cfg.Dir = dir
@@ -387,21 +387,21 @@ func startACMENodeInDir(t *testing.T, pb *pebble, cfg certs.Config, tlsLn net.Li
 	srv := &http.Server{Handler: http.NotFoundHandler()}
 	go srv.Serve(p.WrapListener(tlsLn))
 	t.Cleanup(func() { srv.Close() })
-	return &acmeNode{p: p, reg: reg, dir: dir, tlsAddr: tlsLn.Addr().String()}
+	return &certsAcmeNode{p: p, reg: reg, dir: dir, tlsAddr: tlsLn.Addr().String()}
 }
 
 func TestCertsACMERenewal(t *testing.T) {
-	tlsLn, tlsPort := listen(t)
-	httpLn, httpPort := listen(t)
+	tlsLn, tlsPort := certsListen(t)
+	httpLn, httpPort := certsListen(t)
 	// 30 s certificates renewed when 25 s remain: the first renewal is due
 	// about 5 s after issuance (autocert adds up to RenewBefore/10 jitter).
-	pb := startPebble(t, pebbleOpts{httpPort: httpPort, tlsPort: tlsPort, validity: 30})
-	n := startACMENode(t, pb, certs.Config{RenewBefore: 25 * time.Second}, tlsLn, httpLn)
+	pb := certsStartPebble(t, certsPebbleOpts{httpPort: httpPort, tlsPort: tlsPort, validity: 30})
+	n := certsStartACMENode(t, pb, certs.Config{RenewBefore: 25 * time.Second}, tlsLn, httpLn)
 
 	if err := n.p.Prefetch(context.Background()); err != nil {
 		t.Fatalf("Prefetch: %v", err)
 	}
-	cs, err := handshake(t, n.tlsAddr, pb.roots, tls.VersionTLS13)
+	cs, err := certsHandshake(t, n.tlsAddr, pb.roots, tls.VersionTLS13)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -411,7 +411,7 @@ func TestCertsACMERenewal(t *testing.T) {
 	}
 	deadline := time.Now().Add(60 * time.Second)
 	for {
-		cs, err := handshake(t, n.tlsAddr, pb.roots, tls.VersionTLS13)
+		cs, err := certsHandshake(t, n.tlsAddr, pb.roots, tls.VersionTLS13)
 		if err != nil {
 			t.Fatalf("handshake while renewing: %v", err)
 		}
@@ -420,7 +420,7 @@ func TestCertsACMERenewal(t *testing.T) {
 			if !leaf.NotAfter.After(first.NotAfter) {
 				t.Errorf("renewed certificate expires %v, not after %v", leaf.NotAfter, first.NotAfter)
 			}
-			checkIssued(t, n, cs)
+			certsCheckIssued(t, n, cs)
 			return
 		}
 		if time.Now().After(deadline) {
@@ -431,22 +431,22 @@ func TestCertsACMERenewal(t *testing.T) {
 }
 
 func TestCertsACMEExternalAccountBinding(t *testing.T) {
-	tlsLn, tlsPort := listen(t)
+	tlsLn, tlsPort := certsListen(t)
 	key := base64.RawURLEncoding.EncodeToString([]byte("a 32 byte hmac key for the tests"))
-	pb := startPebble(t, pebbleOpts{httpPort: freePort(t), tlsPort: tlsPort,
+	pb := certsStartPebble(t, certsPebbleOpts{httpPort: certsFreePort(t), tlsPort: tlsPort,
 		eab: map[string]string{"kid-1": key}})
 
 	// Without EAB the CA refuses the account, so the handshake fails.
-	tlsBad, _ := listen(t)
-	bad := startACMENode(t, pb, certs.Config{}, tlsBad, nil)
+	tlsBad, _ := certsListen(t)
+	bad := certsStartACMENode(t, pb, certs.Config{}, tlsBad, nil)
 	if err := bad.p.Prefetch(context.Background()); err == nil || !strings.Contains(err.Error(), "externalAccount") {
 		t.Fatalf("Prefetch without EAB: %v", err)
 	}
 
-	n := startACMENode(t, pb, certs.Config{EABKeyID: "kid-1", EABKey: key, ACMEEmail: "ops@xderp.test"}, tlsLn, nil)
-	cs, err := handshake(t, n.tlsAddr, pb.roots, tls.VersionTLS13)
+	n := certsStartACMENode(t, pb, certs.Config{EABKeyID: "kid-1", EABKey: key, ACMEEmail: "ops@xderp.test"}, tlsLn, nil)
+	cs, err := certsHandshake(t, n.tlsAddr, pb.roots, tls.VersionTLS13)
 	if err != nil {
 		t.Fatalf("handshake with EAB: %v", err)
 	}
-	checkIssued(t, n, cs)
+	certsCheckIssued(t, n, cs)
 }

@@ -42,31 +42,31 @@ import (
 	"github.com/xderp/xderp/userspace/metrics"
 )
 
-// derpSite is a DERP server (Tailscale's handler) behind a certs.Provider.
-type derpSite struct {
+// certsDerpSite is a DERP server (Tailscale's handler) behind a certs.Provider.
+type certsDerpSite struct {
 	srv      *derpserver.Server
 	port     int
 	fastMu   sync.Mutex
-	requests []derpRequest
+	requests []certsDerpRequest
 }
 
-type derpRequest struct {
+type certsDerpRequest struct {
 	fastStart bool
 	version   uint16
 }
 
-func (s *derpSite) seen() []derpRequest {
+func (s *certsDerpSite) seen() []certsDerpRequest {
 	s.fastMu.Lock()
 	defer s.fastMu.Unlock()
-	return append([]derpRequest(nil), s.requests...)
+	return append([]certsDerpRequest(nil), s.requests...)
 }
 
 // startDERPSite builds the provider with cfg (after filling in the DERP key)
 // and serves DERP on a loopback TLS listener.
-func startDERPSite(t *testing.T, cfg certs.Config, ln net.Listener) (*derpSite, *certs.Provider) {
+func certsStartDERPSite(t *testing.T, cfg certs.Config, ln net.Listener) (*certsDerpSite, *certs.Provider) {
 	t.Helper()
 	priv := key.NewNode()
-	srv := derpserver.New(priv, quietLogf)
+	srv := derpserver.New(priv, certsQuietLogf)
 	t.Cleanup(func() { srv.Close() })
 	cfg.DERPPublicKey = priv.Public().Raw32()
 	if cfg.Metrics == nil {
@@ -77,12 +77,12 @@ func startDERPSite(t *testing.T, cfg certs.Config, ln net.Listener) (*derpSite, 
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { p.Close() })
-	site := &derpSite{srv: srv, port: ln.Addr().(*net.TCPAddr).Port}
+	site := &certsDerpSite{srv: srv, port: ln.Addr().(*net.TCPAddr).Port}
 	h := derpserver.Handler(srv)
 	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/derp" && r.TLS != nil {
 			site.fastMu.Lock()
-			site.requests = append(site.requests, derpRequest{r.Header.Get("Derp-Fast-Start") == "1", r.TLS.Version})
+			site.requests = append(site.requests, certsDerpRequest{r.Header.Get("Derp-Fast-Start") == "1", r.TLS.Version})
 			site.fastMu.Unlock()
 		}
 		h.ServeHTTP(w, r)
@@ -92,15 +92,15 @@ func startDERPSite(t *testing.T, cfg certs.Config, ln net.Listener) (*derpSite, 
 	return site, p
 }
 
-func quietLogf(string, ...any) {}
+func certsQuietLogf(string, ...any) {}
 
 // derpClient connects Tailscale's client to node. base is derphttp's
 // optional TLS config (extra roots, version limits).
-func derpClient(t *testing.T, node *tailcfg.DERPNode, base *tls.Config) (*derphttp.Client, key.NodePrivate, error) {
+func certsDerpClient(t *testing.T, node *tailcfg.DERPNode, base *tls.Config) (*derphttp.Client, key.NodePrivate, error) {
 	t.Helper()
 	priv := key.NewNode()
 	region := &tailcfg.DERPRegion{RegionID: 900, RegionCode: "xderp", Nodes: []*tailcfg.DERPNode{node}}
-	c := derphttp.NewRegionClient(priv, quietLogf, netmon.NewStatic(), func() *tailcfg.DERPRegion { return region })
+	c := derphttp.NewRegionClient(priv, certsQuietLogf, netmon.NewStatic(), func() *tailcfg.DERPRegion { return region })
 	c.TLSConfig = base
 	t.Cleanup(func() { c.Close() })
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
@@ -114,7 +114,7 @@ func derpClient(t *testing.T, node *tailcfg.DERPNode, base *tls.Config) (*derpht
 // just connected with fast start may not be registered on the server yet,
 // and the server drops packets for unknown destinations. Stale copies are
 // skipped by later exchanges because payloads differ.
-func exchange(a *derphttp.Client, aKey key.NodePrivate, b *derphttp.Client, payload string) (int, error) {
+func certsExchange(a *derphttp.Client, aKey key.NodePrivate, b *derphttp.Client, payload string) (int, error) {
 	type res struct {
 		gen int
 		err error
@@ -154,7 +154,7 @@ func exchange(a *derphttp.Client, aKey key.NodePrivate, b *derphttp.Client, payl
 	}
 }
 
-func tlsState(t *testing.T, c *derphttp.Client) *tls.ConnectionState {
+func certsTlsState(t *testing.T, c *derphttp.Client) *tls.ConnectionState {
 	t.Helper()
 	cs, ok := c.TLSConnectionState()
 	if !ok {
@@ -164,10 +164,10 @@ func tlsState(t *testing.T, c *derphttp.Client) *tls.ConnectionState {
 }
 
 func TestCertsTailscalePinnedSelfSigned(t *testing.T) {
-	ln, _ := listen(t)
+	ln, _ := certsListen(t)
 	dir := t.TempDir()
-	site, p := startDERPSite(t, certs.Config{Mode: certs.ModeManual, Dir: dir, Hostname: "127.0.0.1",
-		Logger: slog.New(slog.NewTextHandler(testLogWriter{t}, nil))}, ln)
+	site, p := certsStartDERPSite(t, certs.Config{Mode: certs.ModeManual, Dir: dir, Hostname: "127.0.0.1",
+		Logger: slog.New(slog.NewTextHandler(certsTestLogWriter{t}, nil))}, ln)
 	n := p.DERPMapNode(certs.NodeInfo{DERPPort: site.port, STUNPort: -1, HTTPPort: -1})
 	node := &tailcfg.DERPNode{Name: n.Name, RegionID: n.RegionID, HostName: n.HostName, CertName: n.CertName,
 		IPv4: n.IPv4, IPv6: "none", DERPPort: n.DERPPort, STUNPort: n.STUNPort}
@@ -175,21 +175,21 @@ func TestCertsTailscalePinnedSelfSigned(t *testing.T) {
 		t.Fatalf("DERP map node %+v", n)
 	}
 
-	a, aKey, err := derpClient(t, node, nil)
+	a, aKey, err := certsDerpClient(t, node, nil)
 	if err != nil {
 		t.Fatalf("client with pinned CertName: %v", err)
 	}
-	b, bKey, err := derpClient(t, node, nil)
+	b, bKey, err := certsDerpClient(t, node, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := exchange(a, aKey, b, "a to b"); err != nil {
+	if _, err := certsExchange(a, aKey, b, "a to b"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := exchange(b, bKey, a, "b to a"); err != nil {
+	if _, err := certsExchange(b, bKey, a, "b to a"); err != nil {
 		t.Fatal(err)
 	}
-	if v := tlsState(t, a).Version; v != tls.VersionTLS13 {
+	if v := certsTlsState(t, a).Version; v != tls.VersionTLS13 {
 		t.Errorf("negotiated %s", tls.VersionName(v))
 	}
 	// With TLS 1.3 both clients read the meta certificate and used fast start.
@@ -203,14 +203,14 @@ func TestCertsTailscalePinnedSelfSigned(t *testing.T) {
 	}
 
 	// A TLS 1.2 client verifies the same pin and takes the 101 path.
-	c, cKey, err := derpClient(t, node, &tls.Config{MaxVersion: tls.VersionTLS12})
+	c, cKey, err := certsDerpClient(t, node, &tls.Config{MaxVersion: tls.VersionTLS12})
 	if err != nil {
 		t.Fatalf("TLS 1.2 client: %v", err)
 	}
-	if v := tlsState(t, c).Version; v != tls.VersionTLS12 {
+	if v := certsTlsState(t, c).Version; v != tls.VersionTLS12 {
 		t.Errorf("TLS 1.2 client negotiated %s", tls.VersionName(v))
 	}
-	if _, err := exchange(c, cKey, a, "over 1.2"); err != nil {
+	if _, err := certsExchange(c, cKey, a, "over 1.2"); err != nil {
 		t.Fatal(err)
 	}
 	if last := site.seen()[len(site.seen())-1]; last.fastStart || last.version != tls.VersionTLS12 {
@@ -220,16 +220,16 @@ func TestCertsTailscalePinnedSelfSigned(t *testing.T) {
 	// A wrong pin is refused by the client.
 	bad := *node
 	bad.CertName = certs.CertNameFor([]byte("some other certificate"))
-	if _, _, err := derpClient(t, &bad, nil); err == nil {
+	if _, _, err := certsDerpClient(t, &bad, nil); err == nil {
 		t.Fatal("client accepted a certificate that does not match its pin")
 	}
 }
 
 func TestCertsTailscaleACMEIssued(t *testing.T) {
-	tlsLn, tlsPort := listen(t)
-	httpLn, httpPort := listen(t)
-	pb := startPebble(t, pebbleOpts{httpPort: httpPort, tlsPort: tlsPort})
-	site, p := startDERPSite(t, certs.Config{Mode: certs.ModeLetsEncrypt, Dir: filepath.Join(t.TempDir(), "acme"),
+	tlsLn, tlsPort := certsListen(t)
+	httpLn, httpPort := certsListen(t)
+	pb := certsStartPebble(t, certsPebbleOpts{httpPort: httpPort, tlsPort: tlsPort})
+	site, p := certsStartDERPSite(t, certs.Config{Mode: certs.ModeLetsEncrypt, Dir: filepath.Join(t.TempDir(), "acme"),
 		Hostname: certsTestHost, ACMEDirectory: pb.dirURL, HTTPClient: pb.client}, tlsLn)
 	httpSrv := &http.Server{Handler: p.HTTPHandler(http.NotFoundHandler())}
 	go httpSrv.Serve(httpLn)
@@ -238,22 +238,22 @@ func TestCertsTailscaleACMEIssued(t *testing.T) {
 	node := &tailcfg.DERPNode{Name: "900a", RegionID: 900, HostName: certsTestHost,
 		IPv4: "127.0.0.1", IPv6: "none", DERPPort: site.port, STUNPort: -1}
 	// Without Pebble's root the client refuses the certificate.
-	if _, _, err := derpClient(t, node, nil); err == nil {
+	if _, _, err := certsDerpClient(t, node, nil); err == nil {
 		t.Fatal("client trusted a Pebble certificate without Pebble's root")
 	}
 	roots := &tls.Config{RootCAs: pb.roots}
-	a, aKey, err := derpClient(t, node, roots)
+	a, aKey, err := certsDerpClient(t, node, roots)
 	if err != nil {
 		t.Fatalf("client trusting Pebble's root: %v", err)
 	}
-	b, _, err := derpClient(t, node, roots)
+	b, _, err := certsDerpClient(t, node, roots)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := exchange(a, aKey, b, "issued by pebble"); err != nil {
+	if _, err := certsExchange(a, aKey, b, "issued by pebble"); err != nil {
 		t.Fatal(err)
 	}
-	leaf := tlsState(t, a).PeerCertificates[0]
+	leaf := certsTlsState(t, a).PeerCertificates[0]
 	if leaf.DNSNames[0] != certsTestHost || leaf.Issuer.CommonName == leaf.Subject.CommonName {
 		t.Errorf("leaf %v issued by %q", leaf.DNSNames, leaf.Issuer.CommonName)
 	}
@@ -262,13 +262,13 @@ func TestCertsTailscaleACMEIssued(t *testing.T) {
 	}
 }
 
-// testCA issues certificates for the reload test.
-type testCA struct {
+// certsTestCA issues certificates for the reload test.
+type certsTestCA struct {
 	cert *x509.Certificate
 	key  *ecdsa.PrivateKey
 }
 
-func newTestCA(t *testing.T) *testCA {
+func certsNewTestCA(t *testing.T) *certsTestCA {
 	t.Helper()
 	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "xderp test CA"},
@@ -279,12 +279,12 @@ func newTestCA(t *testing.T) *testCA {
 		t.Fatal(err)
 	}
 	c, _ := x509.ParseCertificate(der)
-	return &testCA{cert: c, key: k}
+	return &certsTestCA{cert: c, key: k}
 }
 
 // issue writes a fresh certificate for host into dir/host.crt and .key by
 // atomic renames and returns its DER.
-func (ca *testCA) issue(t *testing.T, dir, host string) []byte {
+func (ca *certsTestCA) issue(t *testing.T, dir, host string) []byte {
 	t.Helper()
 	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
@@ -296,12 +296,12 @@ func (ca *testCA) issue(t *testing.T, dir, host string) []byte {
 		t.Fatal(err)
 	}
 	kd, _ := x509.MarshalPKCS8PrivateKey(k)
-	writeAtomic(t, filepath.Join(dir, host+".key"), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kd}))
-	writeAtomic(t, filepath.Join(dir, host+".crt"), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
+	certsWriteAtomic(t, filepath.Join(dir, host+".key"), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kd}))
+	certsWriteAtomic(t, filepath.Join(dir, host+".crt"), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
 	return der
 }
 
-func writeAtomic(t *testing.T, path string, data []byte) {
+func certsWriteAtomic(t *testing.T, path string, data []byte) {
 	t.Helper()
 	tmp := path + ".new"
 	if err := os.WriteFile(tmp, data, 0o600); err != nil {
@@ -315,35 +315,35 @@ func writeAtomic(t *testing.T, path string, data []byte) {
 func TestCertsTailscaleManualReload(t *testing.T) {
 	const host = certsTestHost
 	dir := t.TempDir()
-	ca := newTestCA(t)
+	ca := certsNewTestCA(t)
 	firstDER := ca.issue(t, dir, host)
 	reg := metrics.NewRegistry()
-	ln, _ := listen(t)
-	site, _ := startDERPSite(t, certs.Config{Mode: certs.ModeManual, Dir: dir, Hostname: host,
+	ln, _ := certsListen(t)
+	site, _ := certsStartDERPSite(t, certs.Config{Mode: certs.ModeManual, Dir: dir, Hostname: host,
 		PollInterval: 50 * time.Millisecond, Metrics: reg,
-		Logger: slog.New(slog.NewTextHandler(testLogWriter{t}, nil))}, ln)
+		Logger: slog.New(slog.NewTextHandler(certsTestLogWriter{t}, nil))}, ln)
 	node := &tailcfg.DERPNode{Name: "900a", RegionID: 900, HostName: host,
 		IPv4: "127.0.0.1", IPv6: "none", DERPPort: site.port, STUNPort: -1}
 	pool := x509.NewCertPool()
 	pool.AddCert(ca.cert)
 	base := &tls.Config{RootCAs: pool}
 
-	a, aKey, err := derpClient(t, node, base)
+	a, aKey, err := certsDerpClient(t, node, base)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, bKey, err := derpClient(t, node, base)
+	b, bKey, err := certsDerpClient(t, node, base)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(tlsState(t, a).PeerCertificates[0].Raw, firstDER) {
+	if !bytes.Equal(certsTlsState(t, a).PeerCertificates[0].Raw, firstDER) {
 		t.Fatal("not serving the first certificate")
 	}
-	genA, err := exchange(b, bKey, a, "warm up a")
+	genA, err := certsExchange(b, bKey, a, "warm up a")
 	if err != nil {
 		t.Fatal(err)
 	}
-	genB, err := exchange(a, aKey, b, "warm up b")
+	genB, err := certsExchange(a, aKey, b, "warm up b")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -361,13 +361,13 @@ func TestCertsTailscaleManualReload(t *testing.T) {
 				return
 			default:
 			}
-			gb, err := exchange(a, aKey, b, fmt.Sprintf("ping %d", i))
+			gb, err := certsExchange(a, aKey, b, fmt.Sprintf("ping %d", i))
 			if err == nil && gb != genB {
 				err = fmt.Errorf("b reconnected (generation %d -> %d)", genB, gb)
 			}
 			if err == nil {
 				var ga int
-				ga, err = exchange(b, bKey, a, fmt.Sprintf("pong %d", i))
+				ga, err = certsExchange(b, bKey, a, fmt.Sprintf("pong %d", i))
 				if err == nil && ga != genA {
 					err = fmt.Errorf("a reconnected (generation %d -> %d)", genA, ga)
 				}
@@ -383,12 +383,12 @@ func TestCertsTailscaleManualReload(t *testing.T) {
 
 	secondDER := ca.issue(t, dir, host)
 	served := func() []byte {
-		c, _, err := derpClient(t, node, base)
+		c, _, err := certsDerpClient(t, node, base)
 		if err != nil {
 			t.Fatalf("new client during reload: %v", err)
 		}
 		defer c.Close()
-		return tlsState(t, c).PeerCertificates[0].Raw
+		return certsTlsState(t, c).PeerCertificates[0].Raw
 	}
 	deadline := time.Now().Add(20 * time.Second)
 	for !bytes.Equal(served(), secondDER) {
@@ -399,7 +399,7 @@ func TestCertsTailscaleManualReload(t *testing.T) {
 	}
 
 	// A corrupt replacement is refused; the second certificate stays.
-	writeAtomic(t, filepath.Join(dir, host+".crt"), []byte("-----BEGIN CERTIFICATE-----\nbroken\n"))
+	certsWriteAtomic(t, filepath.Join(dir, host+".crt"), []byte("-----BEGIN CERTIFICATE-----\nbroken\n"))
 	deadline = time.Now().Add(20 * time.Second)
 	for certsMetric(t, reg, `xderp_tls_cert_reloads_total{result="error"}`) < 1 {
 		if time.Now().After(deadline) {
@@ -425,7 +425,7 @@ func TestCertsTailscaleManualReload(t *testing.T) {
 	}
 	t.Logf("%d round trips on unchanged connections across two replacements", sent.Load())
 	// The old connections still carry the first certificate.
-	if !bytes.Equal(tlsState(t, a).PeerCertificates[0].Raw, firstDER) {
+	if !bytes.Equal(certsTlsState(t, a).PeerCertificates[0].Raw, firstDER) {
 		t.Error("client a's connection state changed")
 	}
 }
