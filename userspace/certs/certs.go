@@ -140,7 +140,8 @@ type loadedCert struct {
 
 var unsafeHostnameChars = regexp.MustCompile(`[^a-zA-Z0-9.-]`)
 
-// New validates cfg and returns a Provider. In manual mode it loads (or, for
+// New validates cfg and returns a Provider; it registers the TLS metrics in
+// cfg.Metrics, so call it once per registry. In manual mode it loads (or, for
 // an IP host name without files, creates) the certificate and starts watching
 // the files; in letsencrypt mode it sets up autocert but obtains nothing until
 // the first handshake or Prefetch.
@@ -162,6 +163,9 @@ func New(cfg Config) (*Provider, error) {
 	}
 	if cfg.now == nil {
 		cfg.now = time.Now
+	}
+	if cfg.Mode != ModeManual && cfg.Mode != ModeLetsEncrypt {
+		return nil, fmt.Errorf("certs: certmode: unknown mode %q (want %q or %q)", cfg.Mode, ModeLetsEncrypt, ModeManual)
 	}
 	if cfg.Hostname == "" {
 		return nil, errors.New("certs: hostname: required")
@@ -186,20 +190,19 @@ func New(cfg Config) (*Provider, error) {
 		return nil, err
 	}
 	p.meta = meta
-	if err := checkDir(cfg.Dir); err != nil {
+	// The ACME cache must be writable; manual certificates may live in a
+	// read-only place (writing is needed only to create a self-signed one,
+	// and that write reports its own error).
+	if err := checkDir(cfg.Dir, cfg.Mode == ModeLetsEncrypt); err != nil {
 		return nil, err
 	}
-	switch cfg.Mode {
-	case ModeManual:
-		if err := p.initManual(); err != nil {
-			return nil, err
-		}
-	case ModeLetsEncrypt:
-		if err := p.initACME(); err != nil {
-			return nil, err
-		}
-	default:
-		return nil, fmt.Errorf("certs: certmode: unknown mode %q (want %q or %q)", cfg.Mode, ModeLetsEncrypt, ModeManual)
+	if cfg.Mode == ModeManual {
+		err = p.initManual()
+	} else {
+		err = p.initACME()
+	}
+	if err != nil {
+		return nil, err
 	}
 	p.m = newTLSMetrics(cfg.Metrics, p)
 	if cfg.Mode == ModeManual {
@@ -208,9 +211,10 @@ func New(cfg Config) (*Provider, error) {
 	return p, nil
 }
 
-// checkDir makes sure dir exists (creating it 0700) and can be listed and
-// written, so a bad -certdir fails at start rather than at first issuance.
-func checkDir(dir string) error {
+// checkDir makes sure dir exists (creating it 0700) and can be listed and,
+// if needWrite, written, so a bad -certdir fails at start rather than at
+// first issuance.
+func checkDir(dir string, needWrite bool) error {
 	fi, err := os.Stat(dir)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
@@ -224,6 +228,9 @@ func checkDir(dir string) error {
 	}
 	if _, err := os.ReadDir(dir); err != nil {
 		return fmt.Errorf("certs: certdir %s: unreadable: %w", dir, err)
+	}
+	if !needWrite {
+		return nil
 	}
 	f, err := os.CreateTemp(dir, ".xderp-probe-*")
 	if err != nil {
