@@ -706,3 +706,26 @@ func TestPreferECDSA(t *testing.T) {
 		t.Error("TLS 1.2-only client changed: its cipher suites decide")
 	}
 }
+
+func TestWarnsAboutReadableKey(t *testing.T) {
+	const host = "derp.example.test"
+	dir := t.TempDir()
+	pr := validPair(t, host)
+	crt, key := filePaths(dir, host)
+	os.WriteFile(crt, pr.crt, 0o644)
+	os.WriteFile(key, pr.key, 0o644)
+	os.Chmod(key, 0o644) // regardless of umask
+	cfg, reg, logs := baseConfig(t, dir, host)
+	newEnv(t, cfg, reg, logs)
+	if !strings.Contains(logs.String(), "readable by group or others") {
+		t.Errorf("no warning for a 0644 key:\n%s", logs.String())
+	}
+	// A 0600 key is not warned about.
+	dir2 := t.TempDir()
+	install(t, dir2, host, validPair(t, host))
+	cfg2, reg2, logs2 := baseConfig(t, dir2, host)
+	newEnv(t, cfg2, reg2, logs2)
+	if strings.Contains(logs2.String(), "readable by group or others") {
+		t.Errorf("warning for a 0600 key:\n%s", logs2.String())
+	}
+}

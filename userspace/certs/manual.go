@@ -42,6 +42,10 @@ func (p *Provider) initManual() error {
 			"hostname", p.cfg.Hostname, "crt", p.crtPath, "key", p.keyPath)
 	}
 	p.cur.Store(lc)
+	if fi, err := os.Stat(p.keyPath); err == nil && fi.Mode().Perm()&0o077 != 0 {
+		p.log.Warn("private key file is readable by group or others; chmod 600 it",
+			"key", p.keyPath, "mode", fmt.Sprintf("%#o", fi.Mode().Perm()))
+	}
 	if isSelfSigned(lc.cert.Leaf) {
 		p.log.Info("serving a self-signed certificate: pin it in the DERP map",
 			"hostname", p.cfg.Hostname, "CertName", CertNameFor(lc.cert.Leaf.Raw),

@@ -95,8 +95,10 @@ func (m *tlsMetrics) noteExpiryLeaf(name string, leaf *x509.Certificate) {
 	}
 }
 
-// versionLabel maps a negotiated TLS version to its label value.
-func versionLabel(v uint16) string {
+// VersionLabel maps a negotiated TLS version to its label value ("1.2",
+// "1.3", ...), the same values derper uses for derper_tls_request_version,
+// which the daemon can count per HTTP request with this function.
+func VersionLabel(v uint16) string {
 	switch v {
 	case tls.VersionTLS12:
 		return "1.2"
@@ -150,7 +152,7 @@ func ClassifyHandshakeError(err error) string {
 // run their own handshakes call it; WrapListener does it itself.
 func (p *Provider) CountHandshake(cs tls.ConnectionState, err error, remote net.Addr) {
 	if err == nil {
-		p.m.handshakes.With(versionLabel(cs.Version)).Inc()
+		p.m.handshakes.With(VersionLabel(cs.Version)).Inc()
 		return
 	}
 	reason := ClassifyHandshakeError(err)
