@@ -453,6 +453,7 @@ func TestClassify(t *testing.T) {
 		{tls.RecordHeaderError{Msg: "first record does not look like a TLS handshake"}, ReasonNotTLS},
 		{errors.New("tls: client offered only unsupported versions: [302 301]"), ReasonVersion},
 		{errors.New("tls: no cipher suite supported by both client and server"), ReasonCipher},
+		{errors.New("tls: client requested unsupported application protocols ([h2])"), ReasonCipher},
 		{errors.New("remote error: tls: bad certificate"), ReasonPeerAlert},
 		{errOverload, ReasonOverload},
 		{errors.New("something new"), ReasonOther},
