@@ -206,4 +206,3 @@ func (l *logLimiter) allow(now time.Time) (bool, uint64) {
 	l.suppressed = 0
 	return true, s
 }
-
