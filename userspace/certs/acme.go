@@ -9,7 +9,9 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/crypto/acme"
 	"golang.org/x/crypto/acme/autocert"
@@ -97,7 +99,18 @@ func (p *Provider) getACME(hello *tls.ClientHelloInfo) (*tls.Certificate, error)
 		hello = &h
 	}
 	hello = preferECDSA(hello)
+	ours := strings.EqualFold(strings.TrimSuffix(hello.ServerName, "."), p.cfg.Hostname)
+	if ours {
+		if err := p.issueBackoff.check(p.now()); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrNoCertificate, err)
+		}
+	}
 	c, err := p.acm.GetCertificate(hello)
+	if ours {
+		// Only our own name can reach issuance (the host whitelist
+		// refuses the rest), so only its failures start the backoff.
+		p.issueBackoff.record(p.now(), err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrNoCertificate, err)
 	}
@@ -162,4 +175,49 @@ func preferECDSA(hello *tls.ClientHelloInfo) *tls.ClientHelloInfo {
 	h := *hello
 	h.CipherSuites = append(slices.Clip(hello.CipherSuites), tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)
 	return &h
+}
+
+// Issuance backoff bounds. autocert retries a failed issuance on the very
+// next handshake; with clients and scanners connecting all the time that
+// would burn the CA's failed-validation rate limit (Let's Encrypt: 5 per
+// hour) in seconds. Renewal failures do not reach here: autocert keeps
+// serving the current certificate while it retries renewal on its own.
+const (
+	minIssueBackoff = time.Minute
+	maxIssueBackoff = 30 * time.Minute
+)
+
+// backoff makes handshakes fail fast for a while after a failed issuance:
+// 1 min, doubling to 30 min, reset by a success. (autocert itself only
+// remembers a failure for one minute.)
+type backoff struct {
+	mu      sync.Mutex
+	delay   time.Duration
+	until   time.Time
+	lastErr error
+}
+
+func (b *backoff) check(now time.Time) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if now.Before(b.until) {
+		return fmt.Errorf("certificate issuance failed, next attempt after %s: %w",
+			b.until.UTC().Format(time.RFC3339), b.lastErr)
+	}
+	return nil
+}
+
+func (b *backoff) record(now time.Time, err error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if err == nil {
+		b.delay, b.until, b.lastErr = 0, time.Time{}, nil
+		return
+	}
+	if now.Before(b.until) {
+		return // handshakes that waited on the same failed attempt
+	}
+	b.delay = min(max(2*b.delay, minIssueBackoff), maxIssueBackoff)
+	b.until = now.Add(b.delay)
+	b.lastErr = err
 }

@@ -125,7 +125,8 @@ type Provider struct {
 	watchDone        chan struct{}
 
 	// letsencrypt mode
-	acm *autocert.Manager
+	acm          *autocert.Manager
+	issueBackoff backoff
 
 	m         *tlsMetrics
 	closeOnce sync.Once

@@ -22,6 +22,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -728,5 +729,80 @@ func TestWarnsAboutReadableKey(t *testing.T) {
 	newEnv(t, cfg2, reg2, logs2)
 	if strings.Contains(logs2.String(), "readable by group or others") {
 		t.Errorf("warning for a 0600 key:\n%s", logs2.String())
+	}
+}
+
+func TestACMEIssuanceBackoff(t *testing.T) {
+	var hits atomic.Int32
+	ca := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		http.Error(w, "no such CA", http.StatusNotFound) // not retried by the ACME client
+	}))
+	defer ca.Close()
+	cfg, _, _ := baseConfig(t, t.TempDir(), "derp.example.test")
+	cfg.Mode = ModeLetsEncrypt
+	cfg.ACMEDirectory = ca.URL + "/directory"
+	p, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	hello := &tls.ClientHelloInfo{ServerName: "derp.example.test"}
+
+	if _, err := p.GetCertificate(hello); err == nil || !errors.Is(err, ErrNoCertificate) {
+		t.Fatalf("first attempt: %v", err)
+	}
+	first := hits.Load()
+	if first == 0 {
+		t.Fatal("CA not contacted")
+	}
+	// A second handshake right away fails fast without contacting the CA.
+	_, err = p.GetCertificate(hello)
+	if err == nil || !strings.Contains(err.Error(), "next attempt after") || !strings.Contains(err.Error(), "404") {
+		t.Fatalf("second attempt: %v", err)
+	}
+	if hits.Load() != first {
+		t.Fatalf("CA contacted again during backoff (%d -> %d requests)", first, hits.Load())
+	}
+	// Other names never reach issuance and do not extend the backoff.
+	p.issueBackoff.mu.Lock()
+	until := p.issueBackoff.until
+	p.issueBackoff.mu.Unlock()
+	if _, err := p.GetCertificate(&tls.ClientHelloInfo{ServerName: "other.example.test"}); err == nil {
+		t.Fatal("other name served")
+	}
+	p.issueBackoff.mu.Lock()
+	defer p.issueBackoff.mu.Unlock()
+	if p.issueBackoff.until != until {
+		t.Error("a foreign name changed the backoff")
+	}
+}
+
+func TestBackoffSchedule(t *testing.T) {
+	var b backoff
+	t0 := time.Unix(1000, 0)
+	fail := errors.New("boom")
+	var got []time.Duration
+	now := t0
+	for range 7 {
+		if err := b.check(now); err != nil {
+			t.Fatalf("check at expiry: %v", err)
+		}
+		b.record(now, fail)
+		got = append(got, b.delay)
+		// Handshakes that waited on the same attempt do not double it.
+		b.record(now.Add(time.Second), fail)
+		if err := b.check(now.Add(b.delay - time.Second)); err == nil || !errors.Is(err, fail) {
+			t.Fatalf("check inside backoff: %v", err)
+		}
+		now = now.Add(b.delay)
+	}
+	want := []time.Duration{time.Minute, 2 * time.Minute, 4 * time.Minute, 8 * time.Minute, 16 * time.Minute, 30 * time.Minute, 30 * time.Minute}
+	if !slices.Equal(got, want) {
+		t.Errorf("delays %v, want %v", got, want)
+	}
+	b.record(now, nil)
+	if err := b.check(now); err != nil || b.delay != 0 {
+		t.Errorf("success did not reset: %v %v", err, b.delay)
 	}
 }
