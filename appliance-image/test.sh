@@ -202,8 +202,8 @@ EOF
 	if [ "$1" = 1 ]; then
 		if [ -x "$W/interop.test" ]; then
 			echo "interop: two Tailscale derphttp clients over TLS with the pinned certificate"
-			check "two Tailscale derphttp clients exchange packets over TLS (pinned cert)" \
-				'XDERP_IMAGE_URL="https://127.0.0.1:$P_TLS/derp" XDERP_IMAGE_CERTNAME="$certname" inns timeout 180 "$W/interop.test" -test.count=1 -test.v -test.run "^TestImage"'
+			check "Tailscale derphttp clients exchange packets over TLS (pinned cert); Tailscale STUN client answered" \
+				'(cd "$TOP/interop" && XDERP_IMAGE_URL="https://127.0.0.1:$P_TLS/derp" XDERP_IMAGE_CERTNAME="$certname" XDERP_IMAGE_STUN="127.0.0.1:$P_STUN" XDERP_XDERPD_BIN="$XDERPD_BIN" inns timeout 240 "$W/interop.test" -test.count=1 -test.v -test.run "^TestImage")'
 		elif [ -f "$TOP/interop/image_test.go" ]; then
 			bad "two Tailscale derphttp clients exchange packets (interop test did not compile)"
 		else
@@ -213,6 +213,8 @@ EOF
 }
 
 CERTNAMES=()
+# The interop test binary starts its own loopback xderpd too (TestMain).
+XDERPD_BIN=${XDERPD_BIN:-$TOP/bin/xderpd}
 if [ -f "$TOP/interop/image_test.go" ]; then # compiled outside the namespace (module downloads)
 	(cd "$TOP/interop" && go test -c -o "$W/interop.test" .) || echo "interop test does not compile"
 fi
