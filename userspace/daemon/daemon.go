@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/xderp/xderp/loader"
+	"github.com/xderp/xderp/userspace/certs"
 	"github.com/xderp/xderp/userspace/config"
 	"github.com/xderp/xderp/userspace/derp"
 	"github.com/xderp/xderp/userspace/derpserver"
@@ -41,6 +42,7 @@ type Daemon struct {
 	derp    *derpserver.Server
 	stun    *stunserver.Server
 	tlsConf *tls.Config
+	certs   *certs.Provider
 
 	metricsAllow atomic.Pointer[[]netip.Prefix]
 
@@ -83,6 +85,11 @@ func New(cfg *config.Config, opts Options) (*Daemon, error) {
 	}
 	d.key = key
 	d.metricsAllow.Store(&cfg.MetricsAllow)
+	if cfg.TLS() && d.tlsConf == nil {
+		if d.certs, err = newCertProvider(cfg, key, d.log, d.reg); err != nil {
+			return nil, err
+		}
+	}
 	d.registerProcessMetrics()
 	d.accepted = d.reg.Counter("tls_listener_accepted_connections", "Connections accepted by the main listener (within -accept-connection-limit).")
 	d.rejected = d.reg.Counter("tls_listener_rejected_connections", "Connections closed at once for exceeding -accept-connection-limit.")
@@ -162,11 +169,13 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 	}
 	d.ln = newLimitedListener(ln, cfg.AcceptLimit, cfg.AcceptBurst, d.accepted, d.rejected)
 	scheme := "http"
-	if d.tlsConf != nil {
+	switch {
+	case d.certs != nil:
+		d.ln = d.certs.WrapListener(d.ln) // handshakes counted and bounded
+		scheme = "https"
+	case d.tlsConf != nil:
 		d.ln = tls.NewListener(d.ln, d.tlsConf)
 		scheme = "https"
-	} else if cfg.TLS() {
-		return errors.New("-certmode: TLS certificates are not available in this build; use a port other than 443 for plain HTTP")
 	}
 	d.srv = &http.Server{
 		Handler:           d.mux(),
@@ -175,6 +184,25 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 		ErrorLog:          slog.NewLogLogger(d.log.Handler(), slog.LevelDebug),
 	}
 	d.serve(d.srv, d.ln)
+	if addr := cfg.HTTPAddr(); addr != "" && (d.certs != nil || d.tlsConf != nil) {
+		if d.ln80, err = listenTCP(ctx, addr, cfg.TCPKeepAlive, cfg.TCPUserTimeout); err != nil {
+			return fmt.Errorf("-http-port: listen %s: %w", addr, err)
+		}
+		h := port80Handler()
+		if d.certs != nil {
+			h = d.certs.HTTPHandler(h) // ACME HTTP-01 challenges
+		}
+		d.srv80 = &http.Server{Handler: h, ReadTimeout: 30 * time.Second, WriteTimeout: 5 * time.Minute,
+			ErrorLog: slog.NewLogLogger(d.log.Handler(), slog.LevelDebug)}
+		d.serve(d.srv80, d.ln80)
+	}
+	if d.certs != nil {
+		go func() {
+			if err := d.certs.Prefetch(ctx); err != nil {
+				d.log.Error("certificate not obtained yet; handshakes will retry", "err", err)
+			}
+		}()
+	}
 
 	if err := d.startXDP(); err != nil {
 		return err
@@ -238,6 +266,9 @@ func (d *Daemon) Shutdown(ctx context.Context) error {
 				errs = append(errs, err)
 			}
 		}
+	}
+	if d.certs != nil {
+		d.certs.Close()
 	}
 	if d.derp != nil {
 		if err := d.derp.Close(); err != nil {
@@ -310,6 +341,13 @@ func (d *Daemon) Reload(next *config.Config) {
 	d.cfg.XDPDropSTUN = next.XDPDropSTUN
 	d.metricsAllow.Store(&next.MetricsAllow)
 	applied := []string{"metrics-allow"}
+	if d.certs != nil && d.cfg.CertMode == "manual" {
+		if err := d.certs.Reload(); err != nil {
+			d.log.Error("reload: certificate refused, the previous one stays in use", "err", err)
+		} else {
+			applied = append(applied, "certificate")
+		}
+	}
 	if d.xdp != nil {
 		if err := d.xdp.Update(d.loaderConfig()); err != nil {
 			d.log.Error("reload: XDP configuration refused, the previous one stays", "err", err)
