@@ -44,12 +44,13 @@ var (
 	flagSTUNSock = flag.Int("stun-sockets", 8, "client sockets in the STUN phase")
 	flagSTUNOut  = flag.Int("stun-outstanding", 8, "requests outstanding per STUN socket")
 	flagTargets  = flag.String("targets", "xderpd,reference", "implementations to measure")
+	flagRounds   = flag.Int("rounds", 1, "measure each phase this many times per implementation and keep the best figure")
 	flagPhases   = flag.String("phases", "closed,overload,latency,memory,stun,ceiling", "phases to run")
 )
 
 type result struct {
 	closedPPS, closedMbps float64
-	overPPS               float64
+	overPPS, overOffered  float64
 	p50, p99              time.Duration
 	memKiBPerConn         float64
 	stunRPS               float64
@@ -106,54 +107,74 @@ func main() {
 		log.Printf("%s: pid %d on %s (stun %s)", k, s.PID(), s.HostPort(), s.STUNAddr())
 	}
 
-	for _, k := range kinds {
-		s := servers[k]
-		if s == nil {
-			continue
-		}
-		r := results[k]
-		note := func(phase string, err error) {
-			if err != nil {
-				r.errs = append(r.errs, phase+": "+err.Error())
-				log.Printf("%s %s: %v", k, phase, err)
+	// Phases run in the outer loop and implementations in the inner one, so
+	// both see the same background load; with -rounds N each figure is the
+	// best of N.
+	type phase struct {
+		name string
+		run  func(k target.Kind, s *target.Server, r *result) error
+	}
+	all := []phase{
+		{"closed", func(k target.Kind, s *target.Server, r *result) error {
+			pps, _, err := throughput(s, true)
+			if pps > r.closedPPS {
+				r.closedPPS, r.closedMbps = pps, pps*float64(*flagSize)*8/1e6
 			}
-		}
-		if phases["closed"] {
-			pps, err := throughput(s, true)
-			note("closed-loop", err)
-			r.closedPPS, r.closedMbps = pps, pps*float64(*flagSize)*8/1e6
-			log.Printf("%s closed-loop: %.0f pkt/s, %.0f Mbit/s", k, pps, r.closedMbps)
-		}
-		if phases["overload"] {
-			pps, err := throughput(s, false)
-			note("overload", err)
-			r.overPPS = pps
-			log.Printf("%s overload: %.0f pkt/s delivered", k, pps)
-		}
-		if phases["latency"] {
+			log.Printf("%s closed-loop: %.0f pkt/s, %.0f Mbit/s", k, pps, pps*float64(*flagSize)*8/1e6)
+			return err
+		}},
+		{"overload", func(k target.Kind, s *target.Server, r *result) error {
+			pps, offered, err := throughput(s, false)
+			if pps > r.overPPS {
+				r.overPPS, r.overOffered = pps, offered
+			}
+			log.Printf("%s overload: %.0f pkt/s delivered of %.0f pkt/s sent", k, pps, offered)
+			return err
+		}},
+		{"latency", func(k target.Kind, s *target.Server, r *result) error {
 			p50, p99, err := latency(s)
-			note("latency", err)
-			r.p50, r.p99 = p50, p99
+			if r.p99 == 0 || (p99 > 0 && p99 < r.p99) {
+				r.p50, r.p99 = p50, p99
+			}
 			log.Printf("%s rtt: p50 %v p99 %v", k, p50, p99)
-		}
-		if phases["stun"] {
+			return err
+		}},
+		{"stun", func(k target.Kind, s *target.Server, r *result) error {
 			rps, err := stunRate(s)
-			note("stun", err)
-			r.stunRPS = rps
+			r.stunRPS = max(r.stunRPS, rps)
 			log.Printf("%s stun: %.0f responses/s", k, rps)
-		}
-		if phases["memory"] {
+			return err
+		}},
+		{"memory", func(k target.Kind, _ *target.Server, r *result) error {
 			// A fresh process so the baseline is not inflated by the
 			// buffers the throughput phases grew.
 			fresh, err := target.Start(k, bins[k], target.Options{Dir: dir})
 			if err != nil {
-				note("memory", err)
-			} else {
-				kib, err := memoryPerConn(fresh, *flagConns)
-				note("memory", err)
+				return err
+			}
+			defer fresh.Stop(10 * time.Second)
+			kib, err := memoryPerConn(fresh, *flagConns)
+			if kib > 0 && (r.memKiBPerConn == 0 || kib < r.memKiBPerConn) {
 				r.memKiBPerConn = kib
-				log.Printf("%s memory: %.2f KiB per idle connection", k, kib)
-				fresh.Stop(10 * time.Second)
+			}
+			log.Printf("%s memory: %.2f KiB per idle connection", k, kib)
+			return err
+		}},
+	}
+	for _, ph := range all {
+		if !phases[ph.name] {
+			continue
+		}
+		for range *flagRounds {
+			for _, k := range kinds {
+				s := servers[k]
+				if s == nil {
+					continue
+				}
+				if err := ph.run(k, s, results[k]); err != nil {
+					results[k].errs = append(results[k].errs, ph.name+": "+err.Error())
+					log.Printf("%s %s: %v", k, ph.name, err)
+				}
 			}
 		}
 	}
@@ -247,19 +268,20 @@ func awaitSync(a, b *client, arrived *atomic.Bool) error {
 // at most inflight packets in flight (a receiver returns a credit per
 // packet; a credit not returned within 1 s counts as lost and is
 // reissued). Otherwise senders are unthrottled. Returns delivered pkt/s.
-func throughput(s *target.Server, closed bool) (float64, error) {
+func throughput(s *target.Server, closed bool) (delivered, offered float64, err error) {
 	senders, receivers, err := pairUp(s, *flagPairs)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	var (
-		counting  atomic.Bool
-		stop      atomic.Bool
-		delivered atomic.Int64
-		lost      atomic.Int64
-		wg        sync.WaitGroup
-		errMu     sync.Mutex
-		firstErr  error
+		counting atomic.Bool
+		stop     atomic.Bool
+		recvd    atomic.Int64
+		sent     atomic.Int64
+		lost     atomic.Int64
+		wg       sync.WaitGroup
+		errMu    sync.Mutex
+		firstErr error
 	)
 	setErr := func(err error) {
 		errMu.Lock()
@@ -300,7 +322,7 @@ func throughput(s *target.Server, closed bool) (float64, error) {
 					continue
 				}
 				if counting.Load() {
-					delivered.Add(1)
+					recvd.Add(1)
 				}
 				if closed {
 					select {
@@ -318,7 +340,7 @@ func throughput(s *target.Server, closed bool) (float64, error) {
 				c.c.Close()
 			}
 			wg.Wait()
-			return 0, err
+			return 0, 0, err
 		}
 	}
 	stopped := make(chan struct{})
@@ -346,6 +368,9 @@ func throughput(s *target.Server, closed bool) (float64, error) {
 					}
 					return
 				}
+				if counting.Load() {
+					sent.Add(1)
+				}
 			}
 		}()
 	}
@@ -355,7 +380,7 @@ func throughput(s *target.Server, closed bool) (float64, error) {
 	time.Sleep(*flagDuration) // measuring window
 	counting.Store(false)
 	elapsed := time.Since(start)
-	n := delivered.Load()
+	n, m := recvd.Load(), sent.Load()
 	stop.Store(true)
 	close(stopped)
 	for _, c := range append(senders, receivers...) {
@@ -366,7 +391,7 @@ func throughput(s *target.Server, closed bool) (float64, error) {
 	if closed && lost.Load() > 0 {
 		log.Printf("%s closed-loop: %d credits timed out (packets lost)", s.Kind, lost.Load())
 	}
-	return float64(n) / elapsed.Seconds(), firstErr
+	return float64(n) / elapsed.Seconds(), float64(m) / elapsed.Seconds(), firstErr
 }
 
 // latency measures round trips a -> relay -> b -> relay -> a of one packet
@@ -716,8 +741,8 @@ func printTable(w io.Writer, x, r *result, ceilMbps float64) {
 	if r == nil {
 		r = &result{}
 	}
-	fmt.Fprintf(w, "\nxderp benchmark: %d pairs, %d in flight, %d-byte packets, %v per phase, %d idle connections, GOMAXPROCS %d on %d CPUs\n\n",
-		*flagPairs, *flagInflight, *flagSize, *flagDuration, *flagConns, runtime.GOMAXPROCS(0), runtime.NumCPU())
+	fmt.Fprintf(w, "\nxderp benchmark: %d pairs, %d in flight, %d-byte packets, %v per phase, best of %d, %d idle connections, GOMAXPROCS %d on %d CPUs, load average %s\n\n",
+		*flagPairs, *flagInflight, *flagSize, *flagDuration, *flagRounds, *flagConns, runtime.GOMAXPROCS(0), runtime.NumCPU(), loadAvg())
 	fmt.Fprintln(w, "| metric | xderpd | reference (derper) | ratio | target | met? |")
 	fmt.Fprintln(w, "|---|---|---|---|---|---|")
 	ratio := func(a, b float64) (float64, bool) {
@@ -751,6 +776,8 @@ func printTable(w io.Writer, x, r *result, ceilMbps float64) {
 	row("closed-loop throughput (pkt/s)", num(x.closedPPS, "%.0f"), num(r.closedPPS, "%.0f"), rt, ok, ">= 3x", func(v float64) bool { return v >= 3 })
 	rt, ok = ratio(x.closedMbps, r.closedMbps)
 	row("closed-loop throughput (Mbit/s)", num(x.closedMbps, "%.0f"), num(r.closedMbps, "%.0f"), rt, ok, "-", nil)
+	rt, ok = ratio(x.overOffered, r.overOffered)
+	row("overload offered by senders (pkt/s)", num(x.overOffered, "%.0f"), num(r.overOffered, "%.0f"), rt, ok, "-", nil)
 	rt, ok = ratio(x.overPPS, r.overPPS)
 	row("overload delivered (pkt/s)", num(x.overPPS, "%.0f"), num(r.overPPS, "%.0f"), rt, ok, "-", nil)
 	xo, xok := ratio(x.overPPS, x.closedPPS)
@@ -786,4 +813,17 @@ func printTable(w io.Writer, x, r *result, ceilMbps float64) {
 		}
 	}
 	fmt.Fprintln(w)
+}
+
+// loadAvg returns the 1-minute load average, to show how busy the machine was.
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return "unknown"
+	}
+	return f[0]
 }
