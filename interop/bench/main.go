@@ -375,12 +375,15 @@ func throughput(s *target.Server, closed bool) (delivered, offered float64, err 
 		}()
 	}
 	time.Sleep(*flagWarmup) // warm-up
+	before := serverCounters(s)
 	counting.Store(true)
 	start := time.Now()
 	time.Sleep(*flagDuration) // measuring window
 	counting.Store(false)
 	elapsed := time.Since(start)
 	n, m := recvd.Load(), sent.Load()
+	after := serverCounters(s)
+	log.Printf("%s %s: server counted per second: %s", s.Kind, map[bool]string{true: "closed-loop", false: "overload"}[closed], after.rateSince(before, elapsed))
 	stop.Store(true)
 	close(stopped)
 	for _, c := range append(senders, receivers...) {
@@ -476,6 +479,24 @@ func latency(s *target.Server) (p50, p99 time.Duration, err error) {
 	}
 	slices.Sort(samples)
 	return samples[len(samples)/2], samples[len(samples)*99/100], nil
+}
+
+// counters are the server's own packet counters (derper's names).
+type counters struct{ received, sent, dropped float64 }
+
+func serverCounters(s *target.Server) counters {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	var c counters
+	c.received, _ = s.MetricSum(ctx, "derp_packets_received")
+	c.sent, _ = s.MetricSum(ctx, "derp_packets_sent")
+	c.dropped, _ = s.MetricSum(ctx, "derp_packets_dropped")
+	return c
+}
+
+func (c counters) rateSince(b counters, d time.Duration) string {
+	sec := d.Seconds()
+	return fmt.Sprintf("received %.0f, sent %.0f, dropped %.0f", (c.received-b.received)/sec, (c.sent-b.sent)/sec, (c.dropped-b.dropped)/sec)
 }
 
 func putSeq(b []byte, v uint64) {
