@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"github.com/xderp/xderp/interop/internal/target"
+	"golang.org/x/net/ipv4"
 	"tailscale.com/derp"
 	"tailscale.com/derp/derphttp"
 	"tailscale.com/net/netmon"
@@ -44,13 +45,15 @@ var (
 	flagSTUNSock = flag.Int("stun-sockets", 8, "client sockets in the STUN phase")
 	flagSTUNOut  = flag.Int("stun-outstanding", 8, "requests outstanding per STUN socket")
 	flagTargets  = flag.String("targets", "xderpd,reference", "implementations to measure")
-	flagRounds   = flag.Int("rounds", 1, "measure each phase this many times per implementation and keep the best figure")
+	flagRounds   = flag.Int("rounds", 2, "measure each phase (except memory) this many times per implementation and keep the best figure")
 	flagPhases   = flag.String("phases", "closed,overload,latency,memory,stun,ceiling", "phases to run")
 )
 
 type result struct {
 	closedPPS, closedMbps float64
 	overPPS, overOffered  float64
+	closedCPU, overCPU    float64 // packets delivered per server CPU-second
+	stunCPU               float64 // responses per server CPU-second
 	p50, p99              time.Duration
 	memKiBPerConn         float64
 	stunRPS               float64
@@ -120,6 +123,7 @@ func main() {
 			if pps > r.closedPPS {
 				r.closedPPS, r.closedMbps = pps, pps*float64(*flagSize)*8/1e6
 			}
+			r.closedCPU = max(r.closedCPU, perCPU(0, pps))
 			log.Printf("%s closed-loop: %.0f pkt/s, %.0f Mbit/s", k, pps, pps*float64(*flagSize)*8/1e6)
 			return err
 		}},
@@ -128,6 +132,7 @@ func main() {
 			if pps > r.overPPS {
 				r.overPPS, r.overOffered = pps, offered
 			}
+			r.overCPU = max(r.overCPU, perCPU(0, pps))
 			log.Printf("%s overload: %.0f pkt/s delivered of %.0f pkt/s sent", k, pps, offered)
 			return err
 		}},
@@ -142,6 +147,7 @@ func main() {
 		{"stun", func(k target.Kind, s *target.Server, r *result) error {
 			rps, err := stunRate(s)
 			r.stunRPS = max(r.stunRPS, rps)
+			r.stunCPU = max(r.stunCPU, perCPU(0, rps))
 			log.Printf("%s stun: %.0f responses/s", k, rps)
 			return err
 		}},
@@ -165,7 +171,11 @@ func main() {
 		if !phases[ph.name] {
 			continue
 		}
-		for range *flagRounds {
+		rounds := *flagRounds
+		if ph.name == "memory" {
+			rounds = 1 // needs a fresh process each time and is not CPU-bound
+		}
+		for range rounds {
 			for _, k := range kinds {
 				s := servers[k]
 				if s == nil {
@@ -376,12 +386,15 @@ func throughput(s *target.Server, closed bool) (delivered, offered float64, err 
 	}
 	time.Sleep(*flagWarmup) // warm-up
 	before := serverCounters(s)
+	cpu0, _ := s.CPUSeconds()
 	counting.Store(true)
 	start := time.Now()
 	time.Sleep(*flagDuration) // measuring window
 	counting.Store(false)
 	elapsed := time.Since(start)
 	n, m := recvd.Load(), sent.Load()
+	cpu1, _ := s.CPUSeconds()
+	lastCPU = cpu1 - cpu0
 	after := serverCounters(s)
 	log.Printf("%s %s: server counted per second: %s", s.Kind, map[bool]string{true: "closed-loop", false: "overload"}[closed], after.rateSince(before, elapsed))
 	stop.Store(true)
@@ -479,6 +492,16 @@ func latency(s *target.Server) (p50, p99 time.Duration, err error) {
 	}
 	slices.Sort(samples)
 	return samples[len(samples)/2], samples[len(samples)*99/100], nil
+}
+
+// lastCPU is the server CPU time (s) of the last measured window.
+var lastCPU float64
+
+func perCPU(_, rate float64) float64 {
+	if lastCPU <= 0 {
+		return 0
+	}
+	return rate * (*flagDuration).Seconds() / lastCPU
 }
 
 // counters are the server's own packet counters (derper's names).
@@ -602,41 +625,69 @@ func stableRSS(s *target.Server) (int64, error) {
 }
 
 // stunRate keeps stun-outstanding requests in flight on each of
-// stun-sockets sockets and counts valid responses per second.
+// stun-sockets sockets and counts valid responses per second. The client
+// sends and receives in batches (sendmmsg/recvmmsg) and cycles through
+// pre-built requests, so that on a small machine it costs less CPU per
+// request than the server and the figure is the server's.
 func stunRate(s *target.Server) (float64, error) {
 	var counting, stop atomic.Bool
 	var answered atomic.Int64
 	var wg sync.WaitGroup
 	errc := make(chan error, *flagSTUNSock)
+	dst, err := net.ResolveUDPAddr("udp", s.STUNAddr())
+	if err != nil {
+		return 0, err
+	}
+	window := *flagSTUNOut
 	for range *flagSTUNSock {
-		conn, err := net.Dial("udp", s.STUNAddr())
+		uc, err := net.ListenUDP("udp", &net.UDPAddr{IP: dst.IP, Port: 0})
 		if err != nil {
 			return 0, err
 		}
-		defer conn.Close()
+		defer uc.Close()
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			buf := make([]byte, 1500)
-			send := func() error {
-				_, err := conn.Write(stun.Request(stun.NewTxID()))
-				return err
+			pc := ipv4.NewPacketConn(uc)
+			reqs := make([][]byte, 1024)
+			for i := range reqs {
+				reqs[i] = stun.Request(stun.NewTxID())
 			}
-			for range *flagSTUNOut {
-				if err := send(); err != nil {
-					errc <- err
-					return
+			next := 0
+			out := make([]ipv4.Message, window)
+			in := make([]ipv4.Message, window)
+			for i := range in {
+				in[i].Buffers = [][]byte{make([]byte, 1500)}
+			}
+			send := func(n int) error {
+				for i := range n {
+					out[i].Buffers = [][]byte{reqs[next]}
+					out[i].Addr = dst
+					next = (next + 1) % len(reqs)
 				}
+				for sent := 0; sent < n; {
+					k, err := pc.WriteBatch(out[sent:n], 0)
+					if err != nil {
+						return err
+					}
+					sent += k
+				}
+				return nil
+			}
+			if err := send(window); err != nil {
+				errc <- err
+				return
 			}
 			for !stop.Load() {
-				conn.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
-				n, err := conn.Read(buf)
+				uc.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+				n, err := pc.ReadBatch(in, 0)
 				if err != nil {
 					var ne net.Error
 					if errors.As(err, &ne) && ne.Timeout() {
 						// Requests lost: refill the window.
-						for range *flagSTUNOut {
-							send()
+						if err := send(window); err != nil && !stop.Load() {
+							errc <- err
+							return
 						}
 						continue
 					}
@@ -645,10 +696,16 @@ func stunRate(s *target.Server) (float64, error) {
 					}
 					return
 				}
-				if _, _, err := stun.ParseResponse(buf[:n]); err == nil && counting.Load() {
-					answered.Add(1)
+				valid := 0
+				for i := range n {
+					if _, _, err := stun.ParseResponse(in[i].Buffers[0][:in[i].N]); err == nil {
+						valid++
+					}
 				}
-				if err := send(); err != nil {
+				if counting.Load() {
+					answered.Add(int64(valid))
+				}
+				if err := send(n); err != nil {
 					if !stop.Load() {
 						errc <- err
 					}
@@ -658,11 +715,14 @@ func stunRate(s *target.Server) (float64, error) {
 		}()
 	}
 	time.Sleep(*flagWarmup) // warm-up
+	cpu0, _ := s.CPUSeconds()
 	counting.Store(true)
 	start := time.Now()
 	time.Sleep(*flagDuration) // measuring window
 	counting.Store(false)
 	elapsed := time.Since(start)
+	cpu1, _ := s.CPUSeconds()
+	lastCPU = cpu1 - cpu0
 	stop.Store(true)
 	wg.Wait()
 	select {
@@ -827,6 +887,12 @@ func printTable(w io.Writer, x, r *result, ceilMbps float64) {
 	row("RSS per idle connection (KiB)", num(x.memKiBPerConn, "%.2f"), num(r.memKiBPerConn, "%.2f"), rt, ok, "<= 0.33x", func(v float64) bool { return v <= 1.0/3 })
 	rt, ok = ratio(x.stunRPS, r.stunRPS)
 	row("STUN responses/s", num(x.stunRPS, "%.0f"), num(r.stunRPS, "%.0f"), rt, ok, ">= 2x", func(v float64) bool { return v >= 2 })
+	rt, ok = ratio(x.closedCPU, r.closedCPU)
+	row("closed-loop pkt per server CPU-second", num(x.closedCPU, "%.0f"), num(r.closedCPU, "%.0f"), rt, ok, "-", nil)
+	rt, ok = ratio(x.overCPU, r.overCPU)
+	row("overload delivered pkt per server CPU-second", num(x.overCPU, "%.0f"), num(r.overCPU, "%.0f"), rt, ok, "-", nil)
+	rt, ok = ratio(x.stunCPU, r.stunCPU)
+	row("STUN responses per server CPU-second", num(x.stunCPU, "%.0f"), num(r.stunCPU, "%.0f"), rt, ok, "-", nil)
 	fmt.Fprintf(w, "| ceiling: loopback TCP through an io.Copy relay (Mbit/s) | %s | | | - | - |\n", num(ceilMbps, "%.0f"))
 	for name, res := range map[string]*result{"xderpd": x, "reference": r} {
 		for _, e := range res.errs {

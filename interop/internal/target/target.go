@@ -403,3 +403,28 @@ func (s *Server) metric(ctx context.Context, name string, first bool) (sum float
 
 // Signal sends sig to the process.
 func (s *Server) Signal(sig os.Signal) error { return s.cmd.Process.Signal(sig) }
+
+// CPUSeconds returns the user+system CPU time the process has used, from
+// /proc/PID/stat (clock ticks of 1/100 s, the Linux USER_HZ).
+func (s *Server) CPUSeconds() (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", s.PID()))
+	if err != nil {
+		return 0, fmt.Errorf("read cpu time: %w", err)
+	}
+	// The command name (field 2) is in parentheses and may hold spaces.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, errors.New("read cpu time: malformed stat")
+	}
+	f := strings.Fields(string(b[i+1:]))
+	// After ")": field 3 is f[0]; utime is field 14, stime field 15.
+	if len(f) < 13 {
+		return 0, errors.New("read cpu time: short stat")
+	}
+	ut, err1 := strconv.ParseFloat(f[11], 64)
+	st, err2 := strconv.ParseFloat(f[12], 64)
+	if err1 != nil || err2 != nil {
+		return 0, errors.New("read cpu time: bad utime/stime")
+	}
+	return (ut + st) / 100, nil
+}
