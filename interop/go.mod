@@ -11,6 +11,7 @@ require (
 	github.com/prometheus/common v0.73.1
 	github.com/xderp/xderp v0.0.0-00010101000000-000000000000
 	go4.org/mem v0.0.0-20240501181205-ae6ca9944745
+	golang.org/x/net v0.62.0
 	tailscale.com v1.102.5
 )
 
@@ -51,7 +52,6 @@ require (
 	golang.org/x/crypto v0.59.0 // indirect
 	golang.org/x/exp v0.0.0-20260410095643-746e56fc9e2f // indirect
 	golang.org/x/mod v0.42.0 // indirect
-	golang.org/x/net v0.62.0 // indirect
 	golang.org/x/sync v0.25.0 // indirect
 	golang.org/x/sys v0.50.0 // indirect
 	golang.org/x/text v0.44.0 // indirect
