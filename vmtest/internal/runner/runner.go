@@ -271,7 +271,7 @@ func runGuest(ctx context.Context, cfg Config, p *Prepared, bins []TestBinary, t
 	kr.Console = tail(boot.Console, 40)
 	switch {
 	case errors.Is(err, ErrGuestTimeout):
-		where := "before it booted (no output on the result port)"
+		where := "before init reported: the kernel did not get to userspace (see the console)"
 		if gr.Booted {
 			where = "after it booted"
 			if n := len(gr.Binaries); n > 0 {
