@@ -1,0 +1,189 @@
+package interop
+
+import (
+	"context"
+
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+)
+
+// fetchMetrics GETs path from the shared server and parses it with the
+// Prometheus text parser.
+func fetchMetrics(t *testing.T, path string) map[string]*dto.MetricFamily {
+	t.Helper()
+	resp, err := http.Get(srv.HTTPURL() + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: %s: %s", path, resp.Status, body)
+	}
+	if ct := resp.Header.Get("Content-Type"); !strings.HasPrefix(ct, "text/plain") {
+		t.Errorf("GET %s: Content-Type %q, want text/plain", path, ct)
+	}
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := p.TextToMetricFamilies(strings.NewReader(string(body)))
+	if err != nil {
+		t.Fatalf("GET %s: Prometheus text parser: %v", path, err)
+	}
+	return fams
+}
+
+func value(m *dto.Metric) float64 {
+	switch {
+	case m.Gauge != nil:
+		return m.Gauge.GetValue()
+	case m.Counter != nil:
+		return m.Counter.GetValue()
+	case m.Untyped != nil:
+		return m.Untyped.GetValue()
+	}
+	return 0
+}
+
+func labels(m *dto.Metric) map[string]string {
+	out := map[string]string{}
+	for _, l := range m.Label {
+		out[l.GetName()] = l.GetValue()
+	}
+	return out
+}
+
+// derperNames are metric names derper exposes with the same meaning that
+// a dashboard built for derper reads.
+var derperNames = map[string]dto.MetricType{
+	"derp_current_connections":           dto.MetricType_GAUGE,
+	"derp_current_home_connections":      dto.MetricType_GAUGE,
+	"derp_clients_local":                 dto.MetricType_GAUGE,
+	"derp_clients_total":                 dto.MetricType_GAUGE,
+	"derp_current_dup_client_keys":       dto.MetricType_GAUGE,
+	"derp_accepts":                       dto.MetricType_COUNTER,
+	"derp_packets_received":              dto.MetricType_COUNTER,
+	"derp_packets_sent":                  dto.MetricType_COUNTER,
+	"derp_bytes_received":                dto.MetricType_COUNTER,
+	"derp_bytes_sent":                    dto.MetricType_COUNTER,
+	"derp_packets_dropped":               dto.MetricType_COUNTER,
+	"derp_bytes_dropped":                 dto.MetricType_COUNTER,
+	"derp_got_ping":                      dto.MetricType_COUNTER,
+	"derp_sent_pong":                     dto.MetricType_COUNTER,
+	"derp_peer_gone_disconnected_frames": dto.MetricType_COUNTER,
+	"derp_peer_gone_not_here_frames":     dto.MetricType_COUNTER,
+	"stun_requests":                      dto.MetricType_COUNTER,
+}
+
+func TestMetrics(t *testing.T) {
+	// Some traffic first, so counters have moved.
+	a, b := newPeer(t, srv), newPeer(t, srv)
+	syncPeers(t, a, b)
+	stunRoundTrip(t, "127.0.0.1", srv.STUNAddr())
+
+	paths := []string{"/debug/varz"}
+	if kind != "reference" { // derper has no /metrics
+		paths = append(paths, "/metrics")
+	}
+	for _, path := range paths {
+		t.Run(strings.TrimPrefix(path, "/"), func(t *testing.T) {
+			fams := fetchMetrics(t, path)
+			for name, typ := range derperNames {
+				f, ok := fams[name]
+				if !ok {
+					t.Errorf("missing derper metric %s", name)
+					continue
+				}
+				if f.GetType() != typ {
+					t.Errorf("%s: type %v, want %v", name, f.GetType(), typ)
+				}
+			}
+			if f := fams["derp_current_connections"]; f != nil {
+				if v := value(f.Metric[0]); v < 2 {
+					t.Errorf("derp_current_connections = %v with two clients connected", v)
+				}
+			}
+			if f := fams["derp_packets_received"]; f != nil {
+				if v := value(f.Metric[0]); v < 2 {
+					t.Errorf("derp_packets_received = %v after packets were relayed", v)
+				}
+			}
+			if f := fams["derp_packets_dropped"]; f != nil {
+				reasons := map[string]bool{}
+				for _, m := range f.Metric {
+					l := labels(m)
+					if l["reason"] == "" || (l["kind"] != "disco" && l["kind"] != "other") {
+						t.Errorf("derp_packets_dropped sample with labels %v, want reason and kind=disco|other", l)
+					}
+					reasons[l["reason"]] = true
+				}
+				for _, r := range []string{"unknown_dest", "queue_head", "gone_disconnected"} {
+					if !reasons[r] {
+						t.Errorf("derp_packets_dropped has no reason=%q (derper's reasons must all be present from the start)", r)
+					}
+				}
+			}
+			if f := fams["stun_requests"]; f != nil {
+				ok := false
+				for _, m := range f.Metric {
+					if labels(m)["disposition"] == "success" && value(m) >= 1 {
+						ok = true
+					}
+				}
+				if !ok {
+					t.Errorf("stun_requests{disposition=\"success\"} not counted after a STUN exchange")
+				}
+			}
+		})
+	}
+}
+
+// TestMetricsTrackConnections: the connection gauge follows clients coming
+// and going.
+func TestMetricsTrackConnections(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	var peers []*peer
+	for range 5 {
+		peers = append(peers, newPeer(t, srv))
+	}
+	syncPeers(t, peers...) // all five are registered now
+	// Connections closed by earlier tests may still be leaving, so only
+	// the drop caused by our own five is asserted.
+	with, err := srv.Metric(ctx, "derp_current_connections")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if with < 5 {
+		t.Fatalf("derp_current_connections = %v with five clients connected", with)
+	}
+	for _, p := range peers {
+		p.c.Close()
+	}
+	waitMetric(t, ctx, "derp_current_connections", func(v float64) bool { return v <= with-5 })
+}
+
+func waitMetric(t *testing.T, ctx context.Context, name string, ok func(float64) bool) {
+	t.Helper()
+	var last float64
+	var err error
+	for {
+		last, err = srv.Metric(ctx, name)
+		if err == nil && ok(last) {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("%s: condition not met (last value %v, err %v)", name, last, err)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}

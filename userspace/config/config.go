@@ -1,0 +1,425 @@
+// Package config owns xderpd's configuration schema: the command-line flags
+// (derper's names and meanings wherever derper has the flag), their defaults,
+// and validation. Every validation error names the flag it is about, so a bad
+// command line refuses to start with one clear line.
+package config
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"net/netip"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Default addresses and ports.
+const (
+	DefaultAddr      = ":443"
+	DefaultHTTPPort  = 80
+	DefaultSTUNPort  = 3478
+	DevAddr          = "127.0.0.1:3340"
+	DevSTUNAddr      = "127.0.0.1"
+	DefaultKeyPath   = "/var/lib/xderp/derper.key"
+	DefaultPinRoot   = "/sys/fs/bpf/xderp"
+	DefaultWriteWait = 2 * time.Second
+)
+
+// XDP attach modes accepted by -xdp.
+const (
+	XDPAuto    = "auto"
+	XDPDriver  = "driver"
+	XDPGeneric = "generic"
+	XDPOff     = "off"
+)
+
+// Config is the validated daemon configuration. Zero values are never used
+// directly: Parse fills every field with its default first.
+type Config struct {
+	// Addr is the HTTP(S) listen address (-a, default ":443"). TLS is served
+	// when the port is 443 or CertMode is "manual"; otherwise plain HTTP.
+	Addr string
+	// HTTPPort is the plain-HTTP port used alongside TLS (-http-port, default
+	// 80, -1 disables). Bound to the same IP as Addr.
+	HTTPPort int
+	// STUNPort is the UDP STUN port (-stun-port, default 3478), bound to the
+	// same IP as Addr.
+	STUNPort int
+	// RunSTUN enables the userspace STUN server (-stun, default true).
+	RunSTUN bool
+	// RunDERP enables the DERP relay (-derp, default true).
+	RunDERP bool
+	// KeyFile is the server key file in derper's format (-c). Empty means
+	// DefaultKeyPath, or a fresh in-memory key with -dev.
+	KeyFile string
+	// Dev selects development mode (-dev): plain HTTP on 127.0.0.1:3340, STUN
+	// on 127.0.0.1:3478, a fresh key unless -c is given.
+	Dev bool
+	// PrintVersion prints the version and exits (-version).
+	PrintVersion bool
+	// Hostname is the TLS host name (-hostname).
+	Hostname string
+	// CertMode is "letsencrypt" or "manual" (-certmode, default letsencrypt).
+	CertMode string
+	// CertDir holds the ACME cache or the manual <hostname>.crt/.key (-certdir).
+	CertDir string
+	// ACMEDirectory is the ACME directory URL (-acme-directory; empty = Let's Encrypt).
+	ACMEDirectory string
+	// ACMEEmail, EABKeyID and EABKey configure the ACME account.
+	ACMEEmail, EABKeyID, EABKey string
+	// Home selects the root page (-home): "" built-in, "blank", or an
+	// http(s) URL to redirect to.
+	Home string
+	// MeshPSKFile and MeshWith configure region meshing (-mesh-psk-file, -mesh-with).
+	MeshPSKFile string
+	MeshWith    []string
+	// AcceptLimit is the accepted connections per second allowed (-accept-connection-limit, +Inf = no limit).
+	AcceptLimit float64
+	// AcceptBurst is the burst for AcceptLimit (-accept-connection-burst).
+	AcceptBurst int
+	// TCPKeepAlive is the TCP keepalive idle time (-tcp-keepalive-time, default 10m).
+	TCPKeepAlive time.Duration
+	// TCPUserTimeout is TCP_USER_TIMEOUT for accepted sockets (-tcp-user-timeout, default 15s).
+	TCPUserTimeout time.Duration
+	// TCPWriteTimeout is the per-write deadline for non-mesh clients (-tcp-write-timeout, default 2s, 0 disables).
+	TCPWriteTimeout time.Duration
+	// MetricsAllow lists the prefixes allowed to read /metrics and /debug/varz
+	// in addition to loopback (-metrics-allow).
+	MetricsAllow []netip.Prefix
+	// STUNSockets is the number of SO_REUSEPORT STUN sockets per address
+	// (-stun-sockets, default: the number of CPUs).
+	STUNSockets int
+	// XDP is the XDP attach mode (-xdp: auto, driver, generic, off; default auto).
+	XDP string
+	// XDPIface is the interface to attach to (-xdp-iface; default: the
+	// interface of the default route, or lo when serving on loopback).
+	XDPIface string
+	// XDPPinRoot is the bpffs directory under which per-interface pins live (-xdp-pin-dir).
+	XDPPinRoot string
+	// XDPDropSTUN makes XDP drop every STUN packet (-xdp-drop-stun, maintenance).
+	XDPDropSTUN bool
+	// XDPDetach removes the pinned XDP program and exits (-xdp-detach).
+	XDPDetach bool
+	// Shaping is the inbound rate shaping configuration (off by default).
+	Shaping Shaping
+	// LogLevel is debug, info, warn or error (-log-level, default info).
+	LogLevel string
+	// PrintDERPMap prints this node's DERP map entry as JSON and exits (-print-derpmap).
+	PrintDERPMap bool
+}
+
+// Shaping is the inbound shaping configuration enforced by XDP. A zero rate
+// means "no limit" for that dimension; shaping is off while every rate is 0.
+type Shaping struct {
+	// PacketsPerSec and Burst bound the TCP packets per source to the DERP ports.
+	PacketsPerSec, PacketBurst uint64
+	// BytesPerSec and ByteBurst bound the TCP bytes per source to the DERP ports.
+	BytesPerSec, ByteBurst uint64
+	// SYNPerSec and SYNBurst bound new connections (SYN without ACK) per source.
+	SYNPerSec, SYNBurst uint64
+	// STUNPerSec and STUNBurst bound STUN requests per source; 0 (default) never shapes STUN.
+	STUNPerSec, STUNBurst uint64
+	// Exempt lists source prefixes never shaped (mesh peers are added automatically).
+	Exempt []netip.Prefix
+}
+
+// Enabled reports whether any shaping limit is configured.
+func (s Shaping) Enabled() bool {
+	return s.PacketsPerSec > 0 || s.BytesPerSec > 0 || s.SYNPerSec > 0 || s.STUNPerSec > 0
+}
+
+// FieldError is a validation error about one flag.
+type FieldError struct {
+	Flag string
+	Msg  string
+}
+
+func (e *FieldError) Error() string { return "-" + e.Flag + ": " + e.Msg }
+
+func fieldErr(flag, format string, args ...any) error {
+	return &FieldError{Flag: flag, Msg: fmt.Sprintf(format, args...)}
+}
+
+// ErrHelp is returned by Parse when -h or -help was given.
+var ErrHelp = flag.ErrHelp
+
+// NewFlagSet returns the flag set bound to c with every default filled in.
+func NewFlagSet(c *Config, out io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("xderpd", flag.ContinueOnError)
+	fs.SetOutput(out)
+	fs.StringVar(&c.Addr, "a", DefaultAddr, "HTTP(S) listen address; TLS when the port is 443 or -certmode=manual, plain HTTP otherwise")
+	fs.IntVar(&c.HTTPPort, "http-port", DefaultHTTPPort, "plain-HTTP port served alongside TLS (generate_204, ACME HTTP-01, redirects); -1 disables")
+	fs.IntVar(&c.STUNPort, "stun-port", DefaultSTUNPort, "UDP STUN port, bound to the same IP as -a")
+	fs.BoolVar(&c.RunSTUN, "stun", true, "run the userspace STUN server")
+	fs.BoolVar(&c.RunDERP, "derp", true, "run the DERP relay")
+	fs.StringVar(&c.KeyFile, "c", "", "server key file in derper's format {\"PrivateKey\":\"privkey:<hex>\"}; created (0600) if missing; default "+DefaultKeyPath+" (a fresh key with -dev)")
+	fs.BoolVar(&c.Dev, "dev", false, "development mode: plain HTTP on "+DevAddr+", STUN on 127.0.0.1:3478, fresh key")
+	fs.BoolVar(&c.PrintVersion, "version", false, "print the version and exit")
+	fs.StringVar(&c.Hostname, "hostname", "", "TLS host name (a DNS name, or an IP address for a self-signed certificate with -certmode=manual)")
+	fs.StringVar(&c.CertMode, "certmode", "letsencrypt", "certificate mode: letsencrypt (ACME) or manual")
+	fs.StringVar(&c.CertDir, "certdir", defaultCertDir(), "ACME cache directory, or where manual <hostname>.crt/.key live")
+	fs.StringVar(&c.ACMEDirectory, "acme-directory", "", "ACME directory URL (default Let's Encrypt)")
+	fs.StringVar(&c.ACMEEmail, "acme-email", "", "ACME account contact e-mail")
+	fs.StringVar(&c.EABKeyID, "acme-eab-kid", "", "ACME External Account Binding key ID")
+	fs.StringVar(&c.EABKey, "acme-eab-key", "", "ACME External Account Binding HMAC key (base64url)")
+	fs.StringVar(&c.Home, "home", "", "root page: empty for the built-in page, 'blank' for an empty page, or an http(s) URL to redirect to")
+	fs.StringVar(&c.MeshPSKFile, "mesh-psk-file", "", "file holding the region's mesh key (64 hex digits)")
+	fs.Func("mesh-with", "comma-separated mesh peers: host, host/dialhost, or a URL such as http://127.0.0.1:3341/derp", func(s string) error {
+		c.MeshWith = splitList(s)
+		return nil
+	})
+	fs.Float64Var(&c.AcceptLimit, "accept-connection-limit", math.Inf(1), "accepted connections per second allowed (+Inf: no limit)")
+	fs.IntVar(&c.AcceptBurst, "accept-connection-burst", math.MaxInt, "burst for -accept-connection-limit")
+	fs.DurationVar(&c.TCPKeepAlive, "tcp-keepalive-time", 10*time.Minute, "TCP keepalive idle time")
+	fs.DurationVar(&c.TCPUserTimeout, "tcp-user-timeout", 15*time.Second, "TCP_USER_TIMEOUT for client connections")
+	fs.DurationVar(&c.TCPWriteTimeout, "tcp-write-timeout", DefaultWriteWait, "per-write deadline for non-mesh clients (0 disables)")
+	fs.Func("metrics-allow", "comma-separated CIDRs allowed to read /metrics and /debug/varz besides loopback", func(s string) error {
+		p, err := parsePrefixes(s)
+		if err != nil {
+			return err
+		}
+		c.MetricsAllow = p
+		return nil
+	})
+	fs.IntVar(&c.STUNSockets, "stun-sockets", 0, "SO_REUSEPORT STUN sockets per address (0: one per CPU)")
+	fs.StringVar(&c.XDP, "xdp", XDPAuto, "XDP fast path: auto (attach when privileges and kernel allow), driver, generic, off")
+	fs.StringVar(&c.XDPIface, "xdp-iface", "", "interface to attach XDP to (default: the default route's, or lo when -a is on loopback)")
+	fs.StringVar(&c.XDPPinRoot, "xdp-pin-dir", DefaultPinRoot, "bpffs directory for the pinned program, link and maps")
+	fs.BoolVar(&c.XDPDropSTUN, "xdp-drop-stun", false, "drop every STUN packet in XDP (maintenance)")
+	fs.BoolVar(&c.XDPDetach, "xdp-detach", false, "detach and unpin the XDP program from -xdp-iface, then exit")
+	fs.Uint64Var(&c.Shaping.PacketsPerSec, "shape-pps", 0, "inbound TCP packets/s allowed per source to the DERP ports (0: unlimited)")
+	fs.Uint64Var(&c.Shaping.PacketBurst, "shape-pps-burst", 0, "burst for -shape-pps (default: one second's worth)")
+	fs.Uint64Var(&c.Shaping.BytesPerSec, "shape-bps", 0, "inbound TCP bytes/s allowed per source to the DERP ports (0: unlimited)")
+	fs.Uint64Var(&c.Shaping.ByteBurst, "shape-bps-burst", 0, "burst for -shape-bps in bytes (default: one second's worth)")
+	fs.Uint64Var(&c.Shaping.SYNPerSec, "shape-syn-pps", 0, "new TCP connections (SYN) per second allowed per source (0: unlimited)")
+	fs.Uint64Var(&c.Shaping.SYNBurst, "shape-syn-burst", 0, "burst for -shape-syn-pps (default: one second's worth)")
+	fs.Uint64Var(&c.Shaping.STUNPerSec, "shape-stun-pps", 0, "STUN requests/s allowed per source (0, the default: STUN is never shaped)")
+	fs.Uint64Var(&c.Shaping.STUNBurst, "shape-stun-burst", 0, "burst for -shape-stun-pps")
+	fs.Func("shape-exempt", "comma-separated CIDRs never shaped (monitoring, operators; mesh peers are exempt automatically)", func(s string) error {
+		p, err := parsePrefixes(s)
+		if err != nil {
+			return err
+		}
+		c.Shaping.Exempt = p
+		return nil
+	})
+	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.BoolVar(&c.PrintDERPMap, "print-derpmap", false, "print this node's DERP map entry as JSON and exit")
+	return fs
+}
+
+// Parse parses args (without the program name) and validates the result.
+func Parse(args []string, out io.Writer) (*Config, error) {
+	c := new(Config)
+	fs := NewFlagSet(c, out)
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q (flags start with -)", fs.Arg(0))
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if c.Dev {
+		if !set["a"] {
+			c.Addr = DevAddr
+		}
+		if !set["http-port"] {
+			c.HTTPPort = -1
+		}
+	}
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// Validate checks every field and returns the first problem, naming its flag.
+func (c *Config) Validate() error {
+	host, port, err := net.SplitHostPort(c.Addr)
+	if err != nil {
+		return fieldErr("a", "%q is not host:port: %v", c.Addr, err)
+	}
+	if host != "" {
+		if _, err := netip.ParseAddr(strings.Trim(host, "[]")); err != nil && host != "localhost" {
+			return fieldErr("a", "host %q is not an IP address (use an IP, or leave it empty for all addresses)", host)
+		}
+	}
+	if _, err := net.LookupPort("tcp", port); err != nil {
+		return fieldErr("a", "bad port %q", port)
+	}
+	if c.HTTPPort != -1 && (c.HTTPPort < 0 || c.HTTPPort > 65535) {
+		return fieldErr("http-port", "%d is not a port (0-65535, or -1 to disable)", c.HTTPPort)
+	}
+	if c.STUNPort < 0 || c.STUNPort > 65535 {
+		return fieldErr("stun-port", "%d is not a port (0-65535)", c.STUNPort)
+	}
+	if !c.RunDERP && !c.RunSTUN && c.XDP == XDPOff {
+		return fieldErr("derp", "nothing to serve: -derp=false, -stun=false and -xdp=off")
+	}
+	switch c.CertMode {
+	case "letsencrypt", "manual":
+	default:
+		return fieldErr("certmode", "%q is not a certificate mode (letsencrypt or manual)", c.CertMode)
+	}
+	if c.TLS() {
+		if c.Hostname == "" {
+			return fieldErr("hostname", "required when serving TLS (-a port 443 or -certmode=manual)")
+		}
+		if c.CertDir == "" {
+			return fieldErr("certdir", "required when serving TLS")
+		}
+		if c.CertMode == "letsencrypt" {
+			if _, err := netip.ParseAddr(c.Hostname); err == nil {
+				return fieldErr("hostname", "%q is an IP address; ACME needs a DNS name (use -certmode=manual for a self-signed IP certificate)", c.Hostname)
+			}
+		}
+	}
+	if c.ACMEDirectory != "" {
+		u, err := url.Parse(c.ACMEDirectory)
+		if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+			return fieldErr("acme-directory", "%q is not an http(s) URL", c.ACMEDirectory)
+		}
+	}
+	if (c.EABKeyID == "") != (c.EABKey == "") {
+		return fieldErr("acme-eab-kid", "-acme-eab-kid and -acme-eab-key go together")
+	}
+	switch {
+	case c.Home == "", c.Home == "blank":
+	case strings.HasPrefix(c.Home, "http://"), strings.HasPrefix(c.Home, "https://"):
+		if _, err := url.Parse(c.Home); err != nil {
+			return fieldErr("home", "%q is not a URL: %v", c.Home, err)
+		}
+	default:
+		return fieldErr("home", "%q is not empty, 'blank' or an http(s) URL", c.Home)
+	}
+	if len(c.MeshWith) > 0 && c.MeshPSKFile == "" {
+		return fieldErr("mesh-with", "needs a mesh key (-mesh-psk-file)")
+	}
+	if c.MeshPSKFile != "" {
+		if _, err := ReadMeshKey(c.MeshPSKFile); err != nil {
+			return fieldErr("mesh-psk-file", "%v", err)
+		}
+	}
+	if c.AcceptLimit <= 0 || math.IsNaN(c.AcceptLimit) {
+		return fieldErr("accept-connection-limit", "must be positive (+Inf for no limit)")
+	}
+	if c.AcceptBurst < 1 {
+		return fieldErr("accept-connection-burst", "must be at least 1")
+	}
+	if c.TCPKeepAlive < 0 {
+		return fieldErr("tcp-keepalive-time", "must not be negative")
+	}
+	if c.TCPUserTimeout < 0 {
+		return fieldErr("tcp-user-timeout", "must not be negative")
+	}
+	if c.TCPWriteTimeout < 0 {
+		return fieldErr("tcp-write-timeout", "must not be negative (0 disables)")
+	}
+	if c.STUNSockets < 0 || c.STUNSockets > 256 {
+		return fieldErr("stun-sockets", "%d is out of range (0-256)", c.STUNSockets)
+	}
+	switch c.XDP {
+	case XDPAuto, XDPDriver, XDPGeneric, XDPOff:
+	default:
+		return fieldErr("xdp", "%q is not auto, driver, generic or off", c.XDP)
+	}
+	if c.XDPIface != "" && (len(c.XDPIface) > 15 || strings.ContainsAny(c.XDPIface, "/ \t")) {
+		return fieldErr("xdp-iface", "%q is not an interface name", c.XDPIface)
+	}
+	if c.XDPPinRoot == "" {
+		return fieldErr("xdp-pin-dir", "must not be empty")
+	}
+	if c.Shaping.STUNBurst > 0 && c.Shaping.STUNPerSec == 0 {
+		return fieldErr("shape-stun-burst", "set without -shape-stun-pps")
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		return fieldErr("log-level", "%q is not debug, info, warn or error", c.LogLevel)
+	}
+	return nil
+}
+
+// TLS reports whether the main listener serves TLS (derper's rule: port 443,
+// or -certmode=manual).
+func (c *Config) TLS() bool {
+	_, port, _ := net.SplitHostPort(c.Addr)
+	return port == "443" || port == "https" || c.CertMode == "manual" && !c.Dev
+}
+
+// ListenHost returns the IP part of Addr ("" for all addresses).
+func (c *Config) ListenHost() string {
+	host, _, _ := net.SplitHostPort(c.Addr)
+	return host
+}
+
+// STUNAddr returns the UDP address the STUN server binds.
+func (c *Config) STUNAddr() string {
+	return net.JoinHostPort(c.ListenHost(), strconv.Itoa(c.STUNPort))
+}
+
+// HTTPAddr returns the plain-HTTP address served alongside TLS, or "" if none.
+func (c *Config) HTTPAddr() string {
+	if !c.TLS() || c.HTTPPort < 0 {
+		return ""
+	}
+	return net.JoinHostPort(c.ListenHost(), strconv.Itoa(c.HTTPPort))
+}
+
+// ReadMeshKey reads a mesh key file: 64 hex digits, surrounding white space ignored.
+func ReadMeshKey(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	k := strings.TrimSpace(string(b))
+	if len(k) != 64 {
+		return "", fmt.Errorf("%s: mesh key must be 64 hex digits, got %d characters", path, len(k))
+	}
+	for _, r := range k {
+		if !strings.ContainsRune("0123456789abcdefABCDEF", r) {
+			return "", fmt.Errorf("%s: mesh key must be 64 hex digits, found %q", path, r)
+		}
+	}
+	return strings.ToLower(k), nil
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+func parsePrefixes(s string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, f := range splitList(s) {
+		p, err := netip.ParsePrefix(f)
+		if err != nil {
+			a, aerr := netip.ParseAddr(f)
+			if aerr != nil {
+				return nil, errors.New("bad CIDR " + strconv.Quote(f))
+			}
+			p = netip.PrefixFrom(a, a.BitLen())
+		}
+		out = append(out, p.Masked())
+	}
+	return out, nil
+}
+
+func defaultCertDir() string {
+	if d, err := os.UserCacheDir(); err == nil {
+		return d + "/xderp/certs"
+	}
+	return ""
+}

@@ -1,0 +1,143 @@
+package config
+
+import (
+	"errors"
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestDefaults(t *testing.T) {
+	c, err := Parse([]string{"-a", "127.0.0.1:8080"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.TLS() {
+		t.Error("port 8080 must be plain HTTP")
+	}
+	if got := c.STUNAddr(); got != "127.0.0.1:3478" {
+		t.Errorf("STUNAddr = %q", got)
+	}
+	if c.HTTPAddr() != "" {
+		t.Error("no port-80 listener without TLS")
+	}
+	if c.TCPWriteTimeout != 2*time.Second || c.TCPUserTimeout != 15*time.Second || c.TCPKeepAlive != 10*time.Minute {
+		t.Errorf("TCP defaults wrong: %+v", c)
+	}
+	if c.XDP != XDPAuto || c.Shaping.Enabled() {
+		t.Errorf("XDP defaults wrong: %q shaping=%v", c.XDP, c.Shaping.Enabled())
+	}
+}
+
+func TestDev(t *testing.T) {
+	c, err := Parse([]string{"-dev"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Addr != DevAddr || c.STUNAddr() != "127.0.0.1:3478" || c.TLS() {
+		t.Errorf("dev: addr=%q stun=%q tls=%v", c.Addr, c.STUNAddr(), c.TLS())
+	}
+}
+
+func TestTLSNeedsHostname(t *testing.T) {
+	_, err := Parse([]string{"-a", ":443"}, io.Discard)
+	assertField(t, err, "hostname")
+	c, err := Parse([]string{"-a", ":443", "-hostname", "derp.example.com", "-http-port", "8080"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.TLS() || c.HTTPAddr() != ":8080" {
+		t.Errorf("tls=%v http=%q", c.TLS(), c.HTTPAddr())
+	}
+	_, err = Parse([]string{"-a", ":443", "-hostname", "192.0.2.1"}, io.Discard)
+	assertField(t, err, "hostname")
+}
+
+func TestBadFlagsNameTheField(t *testing.T) {
+	dir := t.TempDir()
+	badKey := filepath.Join(dir, "mesh.key")
+	os.WriteFile(badKey, []byte("nothex"), 0o600)
+	cases := []struct {
+		args []string
+		flag string
+	}{
+		{[]string{"-a", "nonsense"}, "a"},
+		{[]string{"-a", "example.com:80"}, "a"},
+		{[]string{"-a", ":99999"}, "a"},
+		{[]string{"-a", ":1", "-stun-port", "70000"}, "stun-port"},
+		{[]string{"-a", ":1", "-http-port", "-5"}, "http-port"},
+		{[]string{"-a", ":1", "-certmode", "gcp"}, "certmode"},
+		{[]string{"-a", ":1", "-home", "ftp://x"}, "home"},
+		{[]string{"-a", ":1", "-mesh-with", "a,b"}, "mesh-with"},
+		{[]string{"-a", ":1", "-mesh-psk-file", badKey}, "mesh-psk-file"},
+		{[]string{"-a", ":1", "-mesh-psk-file", filepath.Join(dir, "missing")}, "mesh-psk-file"},
+		{[]string{"-a", ":1", "-accept-connection-limit", "0"}, "accept-connection-limit"},
+		{[]string{"-a", ":1", "-xdp", "fast"}, "xdp"},
+		{[]string{"-a", ":1", "-xdp-iface", "a/b"}, "xdp-iface"},
+		{[]string{"-a", ":1", "-log-level", "loud"}, "log-level"},
+		{[]string{"-a", ":1", "-acme-eab-kid", "x"}, "acme-eab-kid"},
+		{[]string{"-a", ":1", "-acme-directory", "not a url"}, "acme-directory"},
+		{[]string{"-a", ":1", "-shape-stun-burst", "5"}, "shape-stun-burst"},
+		{[]string{"-a", ":1", "-tcp-write-timeout", "-1s"}, "tcp-write-timeout"},
+	}
+	for _, tc := range cases {
+		_, err := Parse(tc.args, io.Discard)
+		assertField(t, err, tc.flag)
+	}
+}
+
+func TestUnparseableFlagValue(t *testing.T) {
+	for _, args := range [][]string{
+		{"-metrics-allow", "10.0.0.0/33"},
+		{"-stun-port", "x"},
+		{"-shape-exempt", "bogus"},
+		{"extra"},
+	} {
+		if _, err := Parse(args, io.Discard); err == nil {
+			t.Errorf("%v accepted", args)
+		}
+	}
+}
+
+func TestPrefixes(t *testing.T) {
+	c, err := Parse([]string{"-a", ":1", "-metrics-allow", "10.1.2.3/8, 2001:db8::1", "-shape-exempt", "192.0.2.7"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("2001:db8::1/128")}
+	if len(c.MetricsAllow) != 2 || c.MetricsAllow[0] != want[0] || c.MetricsAllow[1] != want[1] {
+		t.Errorf("MetricsAllow = %v", c.MetricsAllow)
+	}
+	if len(c.Shaping.Exempt) != 1 || c.Shaping.Exempt[0] != netip.MustParsePrefix("192.0.2.7/32") {
+		t.Errorf("Exempt = %v", c.Shaping.Exempt)
+	}
+}
+
+func TestReadMeshKey(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "k")
+	key := strings.Repeat("aB", 32)
+	os.WriteFile(p, []byte("  "+key+"\n"), 0o600)
+	got, err := ReadMeshKey(p)
+	if err != nil || got != strings.ToLower(key) {
+		t.Fatalf("got %q, %v", got, err)
+	}
+}
+
+func assertField(t *testing.T, err error, flag string) {
+	t.Helper()
+	var fe *FieldError
+	if !errors.As(err, &fe) {
+		t.Errorf("want a -%s error, got %v", flag, err)
+		return
+	}
+	if fe.Flag != flag {
+		t.Errorf("error names -%s, want -%s: %v", fe.Flag, flag, err)
+	}
+	if !strings.HasPrefix(err.Error(), "-"+flag+": ") {
+		t.Errorf("message %q does not start with the flag", err)
+	}
+}
