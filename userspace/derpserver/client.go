@@ -1,0 +1,839 @@
+package derpserver
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/xderp/xderp/userspace/derp"
+)
+
+// errProtocol marks errors that close a connection for a protocol
+// violation.
+var errProtocol = errors.New("protocol violation")
+
+func protoErr(format string, args ...any) error {
+	return fmt.Errorf("%w: "+format, append([]any{errProtocol}, args...)...)
+}
+
+// NotHere PeerGone limit per sending connection: 1/s, burst 3.
+const (
+	notHereBurst    = 3
+	notHereInterval = time.Second
+)
+
+// ctrlMsg is a queued non-packet frame.
+type ctrlMsg struct {
+	typ    derp.FrameType
+	key    derp.PublicKey
+	reason derp.PeerGoneReason
+	addr   netip.AddrPort
+	flags  derp.PeerPresentFlags
+	text   string
+	dur1   time.Duration
+	dur2   time.Duration
+}
+
+// pktRing is a fixed-capacity FIFO of packets, allocated on first use.
+type pktRing struct {
+	buf  []*packet
+	head int
+	n    int
+}
+
+// push appends p; if the ring is full the oldest packet is removed and
+// returned.
+func (q *pktRing) push(p *packet, depth int) (dropped *packet) {
+	if q.buf == nil {
+		q.buf = make([]*packet, depth)
+	}
+	if q.n == len(q.buf) {
+		dropped = q.buf[q.head]
+		q.buf[q.head] = nil
+		q.head = (q.head + 1) % len(q.buf)
+		q.n--
+	}
+	q.buf[(q.head+q.n)%len(q.buf)] = p
+	q.n++
+	return dropped
+}
+
+// takeAll appends every queued packet to dst in FIFO order and empties
+// the ring.
+func (q *pktRing) takeAll(dst []*packet) []*packet {
+	for q.n > 0 {
+		dst = append(dst, q.buf[q.head])
+		q.buf[q.head] = nil
+		q.head = (q.head + 1) % len(q.buf)
+		q.n--
+	}
+	q.head = 0
+	return dst
+}
+
+// sclient is one established DERP connection.
+type sclient struct {
+	s            *Server
+	conn         net.Conn
+	key          derp.PublicKey
+	entry        *keyEntry
+	remote       netip.AddrPort
+	flags        derp.PeerPresentFlags
+	canMesh      bool
+	notIdeal     bool
+	connNum      uint64
+	writeTimeout time.Duration
+	connected    time.Time
+	keepAlive    *time.Timer
+	closeReason  atomic.Pointer[string]
+
+	isDup        atomic.Bool
+	unregistered bool // guarded by Server.mu
+
+	// Send side, guarded by mu.
+	mu            sync.Mutex
+	data          pktRing
+	disco         pktRing
+	ctrl          []ctrlMsg
+	pongPending   bool
+	pong          [derp.PingLen]byte
+	keepAliveDue  bool
+	closeAfter    bool // close after writing what is queued (server shutdown)
+	closed        bool // connection finished: drop instead of queueing
+	writerRunning bool
+	writerWaiting bool
+	wake          chan struct{}
+
+	// Reader-owned.
+	preferred bool
+	lastDst   derp.PublicKey
+	lastEntry *keyEntry
+	stats     localStats
+	notHere   struct {
+		tokens float64
+		last   time.Time
+	}
+
+	// Writer-owned (one writer at a time). sawSrc is written only with
+	// Server.mu held, so others may read it under Server.mu.
+	sawSrc       map[derp.PublicKey]*keyEntry
+	lastSrcEntry *keyEntry
+}
+
+// readLoop reads and dispatches frames until the connection fails.
+func (c *sclient) readLoop(cr *connReader) {
+	s := c.s
+	defer s.wg.Done()
+	err := c.readFrames(cr)
+	cr.close()
+	c.stats.flush(&s.m)
+	s.m.readSyscalls.Add(cr.reads)
+	c.teardown(err)
+}
+
+func (c *sclient) readFrames(cr *connReader) error {
+	s := c.s
+	for {
+		if cr.buffered() < derp.FrameHeaderLen {
+			// About to (probably) block: publish our counts.
+			c.stats.flush(&s.m)
+		}
+		h, err := cr.next(derp.FrameHeaderLen)
+		if err != nil {
+			if errors.Is(err, io.ErrUnexpectedEOF) && cr.buffered() == 0 && cr.r == 0 && cr.w == 0 {
+				return io.EOF
+			}
+			return err
+		}
+		t, n := derp.ParseFrameHeader(h)
+		if c.isDup.Load() && c.entry.active.Load() != c {
+			s.noteActive(c)
+		}
+		switch t {
+		case derp.FrameSendPacket:
+			err = c.handleSendPacket(cr, n)
+		case derp.FrameForwardPacket:
+			err = c.handleForwardPacket(cr, n)
+		case derp.FrameNotePreferred:
+			err = c.handleNotePreferred(cr, n)
+		case derp.FramePing:
+			err = c.handlePing(cr, n)
+		case derp.FrameWatchConns:
+			if err = c.requireMesh(t); err == nil {
+				if n != 0 {
+					err = protoErr("WatchConns with %d-byte payload", n)
+				} else {
+					s.addWatcher(c)
+				}
+			}
+		case derp.FrameClosePeer:
+			if err = c.requireMesh(t); err == nil {
+				if n != derp.KeyLen {
+					err = protoErr("ClosePeer with %d-byte payload", n)
+				} else {
+					var kb []byte
+					if kb, err = cr.next(derp.KeyLen); err == nil {
+						s.closePeer(derp.PublicKey(kb))
+					}
+				}
+			}
+		default:
+			// Unknown types and types meaningful only server-to-client.
+			s.m.unknownFrames.Inc()
+			if n > uint32(s.opts.MaxSkipFrame) {
+				err = protoErr("%v frame of %d bytes exceeds skip limit %d", t, n, s.opts.MaxSkipFrame)
+			} else {
+				err = cr.discard(int(n))
+			}
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+func (c *sclient) requireMesh(t derp.FrameType) error {
+	if c.canMesh {
+		return nil
+	}
+	c.s.m.privilegedRejected.Inc()
+	return protoErr("%v from a connection without the mesh key", t)
+}
+
+func (c *sclient) handleSendPacket(cr *connReader, n uint32) error {
+	if n < derp.KeyLen || n-derp.KeyLen > derp.MaxPacketSize {
+		return protoErr("SendPacket of %d bytes", n)
+	}
+	kb, err := cr.next(derp.KeyLen)
+	if err != nil {
+		return err
+	}
+	dst := derp.PublicKey(kb)
+	p := getPacket(int(n - derp.KeyLen))
+	if err := cr.readFull(p.data); err != nil {
+		putPacket(p)
+		return err
+	}
+	p.disco = derp.LooksLikeDisco(p.data)
+	ls := &c.stats
+	ls.packetsRecv++
+	ls.bytesRecv += uint64(len(p.data))
+	ls.recvKind[kindOf(p.disco)]++
+	ls.dirty = true
+	p.src = c.key
+	p.srcEntry = c.entry
+	c.route(dst, p, false)
+	return nil
+}
+
+func (c *sclient) handleForwardPacket(cr *connReader, n uint32) error {
+	if err := c.requireMesh(derp.FrameForwardPacket); err != nil {
+		return err
+	}
+	if n < 2*derp.KeyLen || n-2*derp.KeyLen > derp.MaxPacketSize {
+		return protoErr("ForwardPacket of %d bytes", n)
+	}
+	kb, err := cr.next(2 * derp.KeyLen)
+	if err != nil {
+		return err
+	}
+	src, dst := derp.PublicKey(kb[:derp.KeyLen]), derp.PublicKey(kb[derp.KeyLen:])
+	p := getPacket(int(n - 2*derp.KeyLen))
+	if err := cr.readFull(p.data); err != nil {
+		putPacket(p)
+		return err
+	}
+	p.disco = derp.LooksLikeDisco(p.data)
+	c.stats.forwardedIn++
+	c.stats.dirty = true
+	p.src = src
+	p.srcEntry = nil
+	c.route(dst, p, true)
+	return nil
+}
+
+// route delivers p to dst's selected local connection, else (for packets
+// from local senders) to a forwarder, else drops it.
+func (c *sclient) route(dst derp.PublicKey, p *packet, forwarded bool) {
+	e := c.lastEntry
+	if e == nil || c.lastDst != dst || e.dead.Load() {
+		e = c.s.lookup(dst)
+		if e != nil {
+			c.lastDst, c.lastEntry = dst, e
+		}
+	}
+	if e != nil {
+		if d := e.active.Load(); d != nil {
+			d.enqueuePacket(p, &c.stats)
+			return
+		}
+		if !forwarded {
+			if f := e.fwd.Load(); f != nil {
+				c.stats.forwardedOut++
+				c.stats.dirty = true
+				if err := f.f.ForwardPacket(p.src, dst, p.data); err != nil {
+					c.s.m.forwardErrors.Inc()
+				}
+				putPacket(p)
+				return
+			}
+		}
+	}
+	reason := dropUnknownDest
+	if forwarded {
+		reason = dropUnknownDestOnFwd
+	}
+	c.stats.drop(reason, p.disco, len(p.data))
+	if p.disco && c.allowNotHere() {
+		c.enqueueCtrl(ctrlMsg{typ: derp.FramePeerGone, key: dst, reason: derp.PeerGoneNotHere})
+	}
+	putPacket(p)
+}
+
+// allowNotHere is a token bucket (1/s, burst 3) for PeerGone(not-here).
+func (c *sclient) allowNotHere() bool {
+	now := time.Now()
+	b := &c.notHere
+	if !b.last.IsZero() {
+		b.tokens = min(notHereBurst, b.tokens+now.Sub(b.last).Seconds()/notHereInterval.Seconds())
+	}
+	b.last = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+func (c *sclient) handleNotePreferred(cr *connReader, n uint32) error {
+	if n != 1 {
+		return protoErr("NotePreferred of %d bytes", n)
+	}
+	b, err := cr.next(1)
+	if err != nil {
+		return err
+	}
+	v := b[0] != 0
+	if v == c.preferred {
+		return nil
+	}
+	c.preferred = v
+	m := &c.s.m
+	moved := time.Since(c.connected) > 5*time.Second
+	if v {
+		m.curHome.Add(1)
+		if moved {
+			m.homeMovesIn.Inc()
+		}
+	} else {
+		m.curHome.Add(-1)
+		if moved {
+			m.homeMovesOut.Inc()
+		}
+	}
+	return nil
+}
+
+func (c *sclient) handlePing(cr *connReader, n uint32) error {
+	c.s.m.gotPing.Inc()
+	if n < derp.PingLen || n > derp.MaxPingLen {
+		return protoErr("Ping of %d bytes", n)
+	}
+	b, err := cr.next(int(n))
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil
+	}
+	if c.pongPending {
+		c.mu.Unlock()
+		c.s.m.pingsIgnored.Inc()
+		return nil
+	}
+	c.pongPending = true
+	c.pong = [derp.PingLen]byte(b[:derp.PingLen])
+	start, wake := c.kickLocked()
+	c.mu.Unlock()
+	c.startOrWake(start, wake)
+	return nil
+}
+
+// teardown runs once the reader is done: it stops the writer, drops what
+// is queued, and removes the connection from the registry.
+func (c *sclient) teardown(err error) {
+	s := c.s
+	c.conn.Close()
+	reason := crEOF
+	if r := c.closeReason.Load(); r != nil {
+		reason = *r
+	} else if errors.Is(err, errProtocol) {
+		reason = crProtocol
+	}
+	s.m.closed[reason].Inc()
+	if reason == crProtocol {
+		s.log.Info("derp: closing connection", "remote", c.remote, "key", c.key.ShortString(), "err", err)
+	} else {
+		s.log.Debug("derp: connection closed", "remote", c.remote, "key", c.key.ShortString(), "reason", reason, "err", err)
+	}
+
+	c.mu.Lock()
+	c.closed = true
+	if c.keepAlive != nil {
+		c.keepAlive.Stop()
+	}
+	var drops []*packet
+	if !c.writerRunning {
+		drops = c.takePacketsLocked(nil)
+		c.ctrl = nil
+	} else if c.writerWaiting {
+		c.writerWaiting = false
+		c.signal()
+	}
+	c.mu.Unlock()
+	for _, p := range drops {
+		s.m.recordDrop(dropGoneDisconnected, p.data)
+		putPacket(p)
+	}
+	s.unregister(c)
+	s.connsMu.Lock()
+	delete(s.clients, c)
+	s.connsMu.Unlock()
+}
+
+func (c *sclient) takePacketsLocked(dst []*packet) []*packet {
+	dst = c.disco.takeAll(dst)
+	return c.data.takeAll(dst)
+}
+
+// enqueuePacket queues p for this connection without ever blocking: a full
+// queue loses its oldest packet. ls receives the drop counts (the sender's
+// local stats).
+func (c *sclient) enqueuePacket(p *packet, ls *localStats) {
+	p.enq = monoNow()
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		ls.drop(dropGoneDisconnected, p.disco, len(p.data))
+		putPacket(p)
+		return
+	}
+	var old *packet
+	if p.disco {
+		old = c.disco.push(p, c.s.opts.DiscoQueueDepth)
+	} else {
+		old = c.data.push(p, c.s.opts.QueueDepth)
+	}
+	start, wake := c.kickLocked()
+	c.mu.Unlock()
+	if old != nil {
+		ls.drop(dropQueueHead, old.disco, len(old.data))
+		putPacket(old)
+	}
+	c.startOrWake(start, wake)
+}
+
+// enqueueCtrl queues a control frame. It may be called with Server.mu held.
+func (c *sclient) enqueueCtrl(m ctrlMsg) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	if len(c.ctrl) >= maxCtrlQueue {
+		c.mu.Unlock()
+		c.s.m.controlQueueOverflows.Inc()
+		c.closeReason.CompareAndSwap(nil, &crCtrlOverflowStr)
+		go c.conn.Close()
+		return
+	}
+	c.ctrl = append(c.ctrl, m)
+	start, wake := c.kickLocked()
+	c.mu.Unlock()
+	c.startOrWake(start, wake)
+}
+
+var crCtrlOverflowStr = crCtrlOverflow
+
+func (c *sclient) onKeepAlive() {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.keepAliveDue = true
+	c.keepAlive.Reset(c.s.keepAliveInterval())
+	start, wake := c.kickLocked()
+	c.mu.Unlock()
+	c.startOrWake(start, wake)
+}
+
+func (c *sclient) enqueueRestarting(reconnectIn, tryFor time.Duration) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.ctrl = append(c.ctrl, ctrlMsg{typ: derp.FrameRestarting, dur1: reconnectIn, dur2: tryFor})
+	c.closeAfter = true
+	start, wake := c.kickLocked()
+	c.mu.Unlock()
+	c.startOrWake(start, wake)
+}
+
+// kickLocked decides whether the writer must be started or woken.
+func (c *sclient) kickLocked() (start, wake bool) {
+	if !c.writerRunning {
+		c.writerRunning = true
+		c.s.wg.Add(1) // the reader is alive (closed is false), so the group is non-zero
+		return true, false
+	}
+	if c.writerWaiting {
+		c.writerWaiting = false
+		return false, true
+	}
+	return false, false
+}
+
+func (c *sclient) startOrWake(start, wake bool) {
+	if start {
+		c.s.m.writerStarts.Inc()
+		go c.writeLoop()
+	} else if wake {
+		c.signal()
+	}
+}
+
+func (c *sclient) signal() {
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+// writeBatch is what the writer takes from the queues in one go.
+type writeBatch struct {
+	ctrl      []ctrlMsg
+	pkts      []*packet
+	pong      bool
+	pongData  [derp.PingLen]byte
+	keepAlive bool
+}
+
+func (b *writeBatch) empty() bool {
+	return len(b.ctrl) == 0 && len(b.pkts) == 0 && !b.pong && !b.keepAlive
+}
+
+// writeLoop drains the queues into batched writes. It exits when the
+// connection closes, on a write error, or after writerLinger without work.
+func (c *sclient) writeLoop() {
+	s := c.s
+	defer s.wg.Done()
+	wake := c.wake
+
+	var (
+		batch    writeBatch
+		spare    []ctrlMsg
+		bufp     *[]byte
+		timer    *time.Timer
+		busy     = true // work seen since the linger timer was armed
+		failed   error
+		pktsCap  = s.opts.QueueDepth + s.opts.DiscoQueueDepth
+		sentPk   uint64
+		sentByte uint64
+	)
+	batch.pkts = make([]*packet, 0, pktsCap)
+	defer func() {
+		if bufp != nil {
+			*bufp = (*bufp)[:0]
+			writeBufPool.Put(bufp)
+		}
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+
+	for {
+		c.mu.Lock()
+		if c.closed || failed != nil {
+			rest := c.takePacketsLocked(batch.pkts[:0])
+			c.ctrl = nil
+			c.writerRunning = false
+			c.writerWaiting = false
+			c.mu.Unlock()
+			for _, p := range rest {
+				s.m.recordDrop(dropGoneDisconnected, p.data)
+				putPacket(p)
+			}
+			return
+		}
+		// Two arrays alternate: the writer reads one while enqueuers
+		// append to the other.
+		batch.ctrl, c.ctrl, spare = c.ctrl, spare[:0], nil
+		batch.pkts = c.takePacketsLocked(batch.pkts[:0])
+		batch.pong, batch.pongData = c.pongPending, c.pong
+		c.pongPending = false
+		batch.keepAlive = c.keepAliveDue
+		c.keepAliveDue = false
+		if batch.empty() {
+			spare, batch.ctrl = batch.ctrl[:0], nil
+			if c.closeAfter {
+				c.closeAfter = false
+				c.mu.Unlock()
+				closeWrite(c.conn)
+				continue
+			}
+			c.writerWaiting = true
+			c.mu.Unlock()
+			if bufp != nil {
+				*bufp = (*bufp)[:0]
+				writeBufPool.Put(bufp)
+				bufp = nil
+			}
+			if timer == nil {
+				timer = time.NewTimer(writerLinger)
+				busy = false
+			}
+			select {
+			case <-wake:
+				busy = true
+				continue
+			case <-timer.C:
+			}
+			if busy {
+				busy = false
+				timer.Reset(writerLinger)
+				continue
+			}
+			c.mu.Lock()
+			if !c.closed && len(c.ctrl) == 0 && c.data.n == 0 && c.disco.n == 0 && !c.pongPending && !c.keepAliveDue && !c.closeAfter {
+				c.writerRunning = false
+				c.writerWaiting = false
+				c.mu.Unlock()
+				return
+			}
+			c.writerWaiting = false
+			c.mu.Unlock()
+			timer.Reset(writerLinger)
+			continue
+		}
+		c.mu.Unlock()
+		busy = true
+
+		if bufp == nil {
+			bufp = writeBufPool.Get().(*[]byte)
+		}
+		sentPk, sentByte, failed = c.writeBatch(bufp, &batch)
+		if sentPk > 0 {
+			s.m.packetsSent.Add(sentPk)
+			s.m.bytesSent.Add(sentByte)
+		}
+		clear(batch.ctrl)
+		spare = batch.ctrl[:0]
+		batch.ctrl = nil
+		if cap(spare) > 1024 {
+			spare = nil
+		}
+		if failed != nil {
+			if errors.Is(failed, os.ErrDeadlineExceeded) {
+				s.m.writeTimeouts.Inc()
+			}
+			c.closeReason.CompareAndSwap(nil, &crWriteErrorStr)
+			c.conn.Close()
+		}
+	}
+}
+
+var crWriteErrorStr = crWriteError
+
+func closeWrite(nc net.Conn) {
+	if cw, ok := nc.(interface{ CloseWrite() error }); ok {
+		if cw.CloseWrite() == nil {
+			return
+		}
+	}
+	nc.Close()
+}
+
+// writeBatch encodes one batch into *bufp, writing whenever the buffer
+// fills, and returns the packets and bytes delivered.
+func (c *sclient) writeBatch(bufp *[]byte, b *writeBatch) (pkts, bytes uint64, err error) {
+	s := c.s
+	m := &s.m
+	buf := (*bufp)[:0]
+	var pend [2]struct{ n, bytes uint64 } // unflushed packets by kind
+	frames := uint64(0)
+	flush := func() error {
+		if len(buf) == 0 {
+			return nil
+		}
+		if c.writeTimeout > 0 {
+			c.conn.SetWriteDeadline(time.Now().Add(c.writeTimeout))
+		}
+		_, err := c.conn.Write(buf)
+		m.writeFlushes.Inc()
+		m.writeFrames.Add(frames)
+		frames = 0
+		buf = buf[:0]
+		if err != nil {
+			for k := range 2 {
+				if pend[k].n > 0 {
+					m.packetsDropped[dropWriteError][k].Add(pend[k].n)
+					m.bytesDropped[dropWriteError][k].Add(pend[k].bytes)
+				}
+			}
+			return err
+		}
+		for k := range 2 {
+			pkts += pend[k].n
+			bytes += pend[k].bytes
+			pend[k].n, pend[k].bytes = 0, 0
+		}
+		return nil
+	}
+	room := func(n int) error {
+		if len(buf)+n > cap(buf) {
+			return flush()
+		}
+		return nil
+	}
+	defer func() { *bufp = buf[:0] }()
+
+	for i := range b.ctrl {
+		cm := &b.ctrl[i]
+		if max := cap(buf) - derp.FrameHeaderLen - derp.PeerPresentLen; len(cm.text) > max {
+			cm.text = cm.text[:max]
+		}
+		if err = room(derp.FrameHeaderLen + derp.PeerPresentLen + len(cm.text)); err != nil {
+			break
+		}
+		switch cm.typ {
+		case derp.FrameServerInfo:
+			buf = append(buf, cm.text...) // pre-encoded frame
+		case derp.FramePeerGone:
+			buf = derp.AppendPeerGone(buf, cm.key, cm.reason)
+			if cm.reason == derp.PeerGoneNotHere {
+				m.peerGoneNotHere.Inc()
+			} else {
+				m.peerGoneDisconnected.Inc()
+				c.forgetSrc(cm.key)
+			}
+		case derp.FramePeerPresent:
+			buf = derp.AppendPeerPresent(buf, derp.PeerPresent{Key: cm.key, Addr: cm.addr, Flags: cm.flags})
+		case derp.FrameHealth:
+			buf = derp.AppendHealth(buf, cm.text)
+			m.healthFrames.Inc()
+		case derp.FrameRestarting:
+			buf = derp.AppendRestarting(buf, cm.dur1, cm.dur2)
+			m.restartingFrames.Inc()
+		}
+		frames++
+	}
+	if err == nil && b.pong {
+		if err = room(derp.FrameHeaderLen + derp.PingLen); err == nil {
+			buf = derp.AppendPong(buf, b.pongData)
+			m.sentPong.Inc()
+			frames++
+		}
+	}
+	if err == nil && b.keepAlive {
+		if err = room(derp.FrameHeaderLen); err == nil {
+			buf = derp.AppendKeepAlive(buf)
+			m.keepAlives.Inc()
+			frames++
+		}
+	}
+	if len(b.pkts) > 0 {
+		if ms := float64(monoNow()-b.pkts[0].enq) / 1e6; ms >= 0 {
+			m.avgQueueMillis.ewma(ms, 0.1)
+		}
+	}
+	for i, p := range b.pkts {
+		b.pkts[i] = nil
+		if err != nil {
+			m.recordDrop(dropWriteError, p.data)
+			putPacket(p)
+			continue
+		}
+		if err = room(derp.FrameHeaderLen + derp.KeyLen + len(p.data)); err != nil {
+			m.recordDrop(dropWriteError, p.data)
+			putPacket(p)
+			continue
+		}
+		c.noteSrc(p)
+		buf = derp.AppendRecvPacket(buf, p.src, p.data)
+		frames++
+		k := kindOf(p.disco)
+		pend[k].n++
+		pend[k].bytes += uint64(len(p.data))
+		putPacket(p)
+	}
+	if err == nil {
+		err = flush()
+	}
+	return pkts, bytes, err
+}
+
+// noteSrc records that this connection received from p.src, so it gets
+// PeerGone when p.src leaves the region.
+func (c *sclient) noteSrc(p *packet) {
+	e := p.srcEntry
+	if e != nil && e == c.lastSrcEntry {
+		return
+	}
+	if e == nil {
+		e = c.s.lookup(p.src) // forwarded-in packet
+		if e == nil {
+			return // not known yet; try again on the next packet
+		}
+	}
+	c.lastSrcEntry = e
+	if c.sawSrc[p.src] == e && !e.dead.Load() {
+		return
+	}
+	s := c.s
+	var gone bool
+	s.mu.Lock()
+	if !c.unregistered {
+		cur := s.keys[p.src]
+		if cur == nil {
+			gone = true // left before its packet reached us
+		} else {
+			if cur.receivers == nil {
+				cur.receivers = make(map[*sclient]struct{})
+			}
+			cur.receivers[c] = struct{}{}
+			if c.sawSrc == nil {
+				c.sawSrc = make(map[derp.PublicKey]*keyEntry)
+			}
+			c.sawSrc[p.src] = cur
+		}
+	}
+	s.mu.Unlock()
+	if gone {
+		c.enqueueCtrl(ctrlMsg{typ: derp.FramePeerGone, key: p.src, reason: derp.PeerGoneDisconnected})
+	}
+}
+
+// forgetSrc drops the receive record of a key that has left, once its
+// PeerGone has been written.
+func (c *sclient) forgetSrc(k derp.PublicKey) {
+	e, ok := c.sawSrc[k]
+	if !ok || !e.dead.Load() {
+		return
+	}
+	c.s.mu.Lock()
+	delete(c.sawSrc, k)
+	c.s.mu.Unlock()
+	if c.lastSrcEntry == e {
+		c.lastSrcEntry = nil
+	}
+}

@@ -1,0 +1,168 @@
+package derpserver
+
+import (
+	"errors"
+	"io"
+	"net"
+	"syscall"
+)
+
+// connReader parses the DERP stream of one connection. It reads into pooled
+// chunks; on sockets that expose a raw file descriptor it waits for
+// readability without holding a chunk, so idle connections cost no read
+// buffer. It is owned by the connection's reader goroutine.
+type connReader struct {
+	conn  net.Conn
+	rc    syscall.RawConn // nil: plain net.Conn reads (TLS, pipes, wrappers)
+	bufp  *[]byte
+	buf   []byte // nil when no chunk is held
+	r, w  int
+	reads uint64
+}
+
+// directReadMin is the payload size above which a payload missing from the
+// chunk is read straight into its destination buffer.
+const directReadMin = 8 << 10
+
+func newConnReader(c net.Conn, initial []byte) *connReader {
+	cr := &connReader{conn: c, rc: rawConnOf(c)}
+	if len(initial) > 0 {
+		cr.acquire()
+		if len(initial) > len(cr.buf) {
+			// Cannot happen with net/http's 4 KiB reader, but never lose bytes.
+			cr.buf = make([]byte, len(initial))
+		}
+		cr.w = copy(cr.buf, initial)
+	}
+	return cr
+}
+
+func (cr *connReader) acquire() {
+	cr.bufp = readChunkPool.Get().(*[]byte)
+	cr.buf = *cr.bufp
+	cr.r, cr.w = 0, 0
+}
+
+// release gives the chunk back; only valid when nothing is buffered.
+func (cr *connReader) release() {
+	if cr.bufp != nil && len(*cr.bufp) == readChunkSize {
+		readChunkPool.Put(cr.bufp)
+	}
+	cr.bufp, cr.buf = nil, nil
+	cr.r, cr.w = 0, 0
+}
+
+func (cr *connReader) buffered() int { return cr.w - cr.r }
+
+// readMore reads at least one more byte into the chunk.
+func (cr *connReader) readMore() error {
+	if cr.r == cr.w {
+		if cr.rc != nil {
+			cr.release() // wait for data without a buffer
+		} else {
+			cr.r, cr.w = 0, 0
+		}
+	} else if cr.w == len(cr.buf) {
+		// Move the partial frame to the front.
+		cr.w = copy(cr.buf, cr.buf[cr.r:cr.w])
+		cr.r = 0
+	}
+	cr.reads++
+	if cr.rc != nil {
+		return cr.rawFill()
+	}
+	if cr.buf == nil {
+		cr.acquire()
+	}
+	n, err := cr.conn.Read(cr.buf[cr.w:])
+	cr.w += n
+	if n > 0 {
+		return nil
+	}
+	if err == nil {
+		err = io.ErrNoProgress
+	}
+	return err
+}
+
+// next returns the next n bytes (n <= readChunkSize), valid until the next
+// call on cr.
+func (cr *connReader) next(n int) ([]byte, error) {
+	for cr.w-cr.r < n {
+		if cr.buf != nil && len(cr.buf)-cr.r < n {
+			cr.w = copy(cr.buf, cr.buf[cr.r:cr.w])
+			cr.r = 0
+		}
+		if err := cr.readMore(); err != nil {
+			return nil, cr.midFrame(err)
+		}
+	}
+	b := cr.buf[cr.r : cr.r+n]
+	cr.r += n
+	return b, nil
+}
+
+// readFull fills p from the stream.
+func (cr *connReader) readFull(p []byte) error {
+	n := copy(p, cr.buf[cr.r:cr.w])
+	cr.r += n
+	p = p[n:]
+	for len(p) > 0 {
+		if len(p) >= directReadMin {
+			m, err := cr.readDirect(p)
+			p = p[m:]
+			if err != nil && len(p) > 0 {
+				return cr.midFrame(err)
+			}
+			continue
+		}
+		if err := cr.readMore(); err != nil {
+			return cr.midFrame(err)
+		}
+		n := copy(p, cr.buf[cr.r:cr.w])
+		cr.r += n
+		p = p[n:]
+	}
+	return nil
+}
+
+// discard skips n bytes.
+func (cr *connReader) discard(n int) error {
+	for n > 0 {
+		if cr.r == cr.w {
+			if err := cr.readMore(); err != nil {
+				return cr.midFrame(err)
+			}
+		}
+		m := min(n, cr.w-cr.r)
+		cr.r += m
+		n -= m
+	}
+	return nil
+}
+
+func (cr *connReader) readDirect(p []byte) (int, error) {
+	cr.reads++
+	if cr.rc != nil {
+		return rawReadInto(cr.rc, p)
+	}
+	n, err := cr.conn.Read(p)
+	if n == 0 && err == nil {
+		err = io.ErrNoProgress
+	}
+	return n, err
+}
+
+func (cr *connReader) midFrame(err error) error {
+	if errors.Is(err, io.EOF) {
+		return io.ErrUnexpectedEOF
+	}
+	return err
+}
+
+// close returns any chunk to the pool.
+func (cr *connReader) close() {
+	if cr.bufp != nil {
+		cr.release()
+	}
+}

@@ -1,0 +1,89 @@
+package derpserver
+
+import (
+	"io"
+	"net"
+	"os"
+	"syscall"
+)
+
+// rawConnOf returns the raw descriptor access of plain TCP and Unix
+// sockets, or nil for anything else (TLS, pipes, wrappers).
+func rawConnOf(c net.Conn) syscall.RawConn {
+	var sc syscall.Conn
+	switch c := c.(type) {
+	case *net.TCPConn:
+		sc = c
+	case *net.UnixConn:
+		sc = c
+	default:
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return rc
+}
+
+// rawFill reads into the chunk, taking a chunk from the pool only once the
+// socket is readable: the function passed to RawConn.Read returns false on
+// EAGAIN, which parks the goroutine in the netpoller with no chunk held.
+func (cr *connReader) rawFill() error {
+	var n int
+	var rerr error
+	err := cr.rc.Read(func(fd uintptr) bool {
+		if cr.buf == nil {
+			cr.acquire()
+		}
+		for {
+			n, rerr = syscall.Read(int(fd), cr.buf[cr.w:])
+			if rerr != syscall.EINTR {
+				break
+			}
+		}
+		if rerr == syscall.EAGAIN {
+			if cr.r == cr.w {
+				cr.release()
+			}
+			return false
+		}
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	if rerr != nil {
+		return os.NewSyscallError("read", rerr)
+	}
+	if n <= 0 {
+		return io.EOF
+	}
+	cr.w += n
+	return nil
+}
+
+// rawReadInto reads directly into p.
+func rawReadInto(rc syscall.RawConn, p []byte) (int, error) {
+	var n int
+	var rerr error
+	err := rc.Read(func(fd uintptr) bool {
+		for {
+			n, rerr = syscall.Read(int(fd), p)
+			if rerr != syscall.EINTR {
+				break
+			}
+		}
+		return rerr != syscall.EAGAIN
+	})
+	if err != nil {
+		return 0, err
+	}
+	if rerr != nil {
+		return 0, os.NewSyscallError("read", rerr)
+	}
+	if n <= 0 {
+		return 0, io.EOF
+	}
+	return n, nil
+}

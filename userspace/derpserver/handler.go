@@ -1,0 +1,229 @@
+package derpserver
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/xderp/xderp/userspace/derp"
+)
+
+// ServeHTTP is the /derp handler. A request with "Upgrade: DERP" (any
+// case) is hijacked: the server answers 101 (nothing at all with
+// "Derp-Fast-Start: 1"), sends its ServerKey frame and runs the handshake;
+// then a reader goroutine takes over the connection and ServeHTTP returns,
+// releasing net/http's buffers. Bytes the client sent after its request
+// headers are kept as the start of the DERP stream. Without an upgrade
+// header the answer is 426.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	up := strings.ToLower(r.Header.Get("Upgrade"))
+	if up != "derp" && up != "websocket" {
+		http.Error(w, "DERP requires connection upgrade", http.StatusUpgradeRequired)
+		return
+	}
+	if up == "websocket" && offersDERPSubprotocol(r) {
+		http.Error(w, "DERP over WebSocket is not supported by this server; use Upgrade: DERP", http.StatusNotImplemented)
+		return
+	}
+	// Upgrade: websocket without the derp subprotocol is treated as a
+	// raw DERP upgrade, as the reference server does for old clients.
+	if s.closed.Load() {
+		http.Error(w, "DERP server is shutting down", http.StatusServiceUnavailable)
+		return
+	}
+	hj, ok := w.(http.Hijacker)
+	if !ok {
+		http.Error(w, "connection cannot be upgraded", http.StatusInternalServerError)
+		return
+	}
+	nc, brw, err := hj.Hijack()
+	if err != nil {
+		s.log.Debug("derp: hijack failed", "remote", r.RemoteAddr, "err", err)
+		return
+	}
+	s.m.accepts.Inc()
+	fastStart := r.Header.Get(derp.HeaderFastStart) == "1"
+	notIdeal := r.Header.Get(derp.HeaderIdealNode) != ""
+	s.serveConn(r.Context(), nc, brw.Reader, fastStart, notIdeal, r.RemoteAddr)
+}
+
+func offersDERPSubprotocol(r *http.Request) bool {
+	for _, v := range r.Header.Values("Sec-Websocket-Protocol") {
+		for p := range strings.SplitSeq(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(p), "derp") {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// handshakeError carries the metric reason of a failed handshake.
+type handshakeError struct {
+	reason string
+	err    error
+}
+
+func (e *handshakeError) Error() string { return e.reason + ": " + e.err.Error() }
+func (e *handshakeError) Unwrap() error { return e.err }
+
+func hsErr(reason string, format string, args ...any) error {
+	return &handshakeError{reason: reason, err: fmt.Errorf(format, args...)}
+}
+
+// serveConn runs the handshake on a hijacked connection and, on success,
+// hands it to a new reader goroutine. br holds bytes already read past the
+// HTTP request.
+func (s *Server) serveConn(ctx context.Context, nc net.Conn, br *bufio.Reader, fastStart, notIdeal bool, remoteAddr string) {
+	if !s.trackHandshake(nc, true) {
+		s.m.handshakeErrors[hsClosed].Inc()
+		nc.Close()
+		return
+	}
+	c, initial, err := s.handshake(ctx, nc, br, fastStart, notIdeal, remoteAddr)
+	s.trackHandshake(nc, false)
+	if err != nil {
+		reason := hsRead
+		var he *handshakeError
+		if errors.As(err, &he) {
+			reason = he.reason
+		}
+		if s.closed.Load() {
+			reason = hsClosed
+		}
+		s.m.handshakeErrors[reason].Inc()
+		if reason == hsAdmission {
+			s.log.Info("derp: client refused", "remote", remoteAddr, "err", err)
+		} else {
+			s.log.Debug("derp: handshake failed", "remote", remoteAddr, "err", err)
+		}
+		nc.Close()
+		return
+	}
+	// Register with the connection set first so Close sees it.
+	s.connsMu.Lock()
+	if s.closed.Load() {
+		s.connsMu.Unlock()
+		s.m.handshakeErrors[hsClosed].Inc()
+		nc.Close()
+		return
+	}
+	s.clients[c] = struct{}{}
+	s.wg.Add(1)
+	s.connsMu.Unlock()
+	s.register(c)
+	c.mu.Lock()
+	c.keepAlive = time.AfterFunc(s.keepAliveInterval(), c.onKeepAlive)
+	start, _ := c.kickLocked()
+	c.mu.Unlock()
+	c.startOrWake(start, false)
+	s.log.Debug("derp: client connected", "remote", remoteAddr, "key", c.key.ShortString(), "mesh", c.canMesh)
+	go c.readLoop(newConnReader(nc, initial))
+}
+
+func (s *Server) handshake(ctx context.Context, nc net.Conn, br *bufio.Reader, fastStart, notIdeal bool, remoteAddr string) (*sclient, []byte, error) {
+	timeout := s.opts.HandshakeTimeout
+	nc.SetWriteDeadline(time.Now().Add(timeout))
+	hello := s.upgradeResp
+	if fastStart {
+		hello = s.serverKey
+	}
+	if _, err := nc.Write(hello); err != nil {
+		return nil, nil, hsErr(hsWrite, "write server key: %w", err)
+	}
+	nc.SetReadDeadline(time.Now().Add(timeout))
+	t, n, err := derp.ReadFrameHeader(br)
+	if err != nil {
+		return nil, nil, hsErr(hsRead, "read client info: %w", err)
+	}
+	if t != derp.FrameClientInfo {
+		return nil, nil, hsErr(hsFirstFrame, "first frame is %v, want ClientInfo", t)
+	}
+	if n < derp.MinClientInfoLen || n > derp.MaxClientInfoLen {
+		return nil, nil, hsErr(hsFirstFrame, "ClientInfo of %d bytes", n)
+	}
+	payload := make([]byte, n)
+	if _, err := io.ReadFull(br, payload); err != nil {
+		return nil, nil, hsErr(hsRead, "read client info: %w", err)
+	}
+	key, info, err := derp.OpenClientInfo(s.priv, payload)
+	if err != nil {
+		return nil, nil, hsErr(hsClientInfo, "%w", err)
+	}
+	remote := parseAddrPort(nc, remoteAddr)
+	mesh := s.isMeshPeer(info)
+	if !mesh && s.opts.Admit != nil {
+		actx, cancel := context.WithTimeout(ctx, timeout)
+		err := s.opts.Admit(actx, key, info, remote)
+		cancel()
+		if err != nil {
+			return nil, nil, hsErr(hsAdmission, "client %s: %w", key.ShortString(), err)
+		}
+	}
+	frame, err := derp.AppendServerInfo(nil, s.priv, key, &derp.ServerInfo{Version: derp.ProtocolVersion})
+	if err != nil {
+		return nil, nil, hsErr(hsWrite, "%w", err)
+	}
+	nc.SetDeadline(time.Time{})
+
+	var initial []byte
+	if k := br.Buffered(); k > 0 {
+		b, _ := br.Peek(k)
+		initial = b // copied by newConnReader before br is dropped
+	}
+	c := &sclient{
+		s:         s,
+		conn:      nc,
+		key:       key,
+		remote:    remote,
+		canMesh:   mesh,
+		notIdeal:  notIdeal,
+		connNum:   s.connNum.Add(1),
+		connected: time.Now(),
+		wake:      make(chan struct{}, 1),
+	}
+	c.flags = presentFlags(mesh, info.IsProber, notIdeal)
+	c.writeTimeout = s.opts.WriteTimeout
+	if mesh {
+		c.writeTimeout = s.opts.MeshWriteTimeout
+	}
+	c.notHere.tokens = notHereBurst
+	// ServerInfo goes out through the writer as the connection's first
+	// queued frame, so the client is registered (reachable) before it
+	// learns it is connected, and nothing can overtake ServerInfo.
+	c.ctrl = append(c.ctrl, ctrlMsg{typ: derp.FrameServerInfo, text: string(frame)})
+	return c, initial, nil
+}
+
+func presentFlags(mesh, prober, notIdeal bool) derp.PeerPresentFlags {
+	var f derp.PeerPresentFlags
+	if mesh {
+		f |= derp.PeerPresentIsMeshPeer
+	}
+	if prober {
+		f |= derp.PeerPresentIsProber
+	}
+	if notIdeal {
+		f |= derp.PeerPresentNotIdeal
+	}
+	if f == 0 {
+		f = derp.PeerPresentIsRegular
+	}
+	return f
+}
+
+func parseAddrPort(nc net.Conn, fallback string) netip.AddrPort {
+	if ta, ok := nc.RemoteAddr().(*net.TCPAddr); ok {
+		ap := ta.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	ap, _ := netip.ParseAddrPort(fallback)
+	return ap
+}

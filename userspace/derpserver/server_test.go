@@ -1,0 +1,590 @@
+package derpserver
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/xderp/xderp/userspace/derp"
+)
+
+func randBytes(n int) []byte {
+	b := make([]byte, n)
+	rand.Read(b)
+	return b
+}
+
+func discoPacket(n int) []byte {
+	return append([]byte(derp.DiscoMagic), randBytes(n-len(derp.DiscoMagic))...)
+}
+
+func TestNewValidates(t *testing.T) {
+	if _, err := New(Options{}); err == nil {
+		t.Fatal("New without a key succeeded")
+	}
+	k, _ := derp.NewPrivateKey()
+	if _, err := New(Options{PrivateKey: k, MeshKey: "abc"}); err == nil || !strings.Contains(err.Error(), "MeshKey") {
+		t.Fatalf("bad mesh key: err = %v", err)
+	}
+}
+
+func TestUpgradeResponses(t *testing.T) {
+	ts := newTestServer(t, Options{})
+	resp, err := http.Get("http://" + ts.addr + "/derp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusUpgradeRequired {
+		t.Fatalf("no upgrade: status %d, want 426", resp.StatusCode)
+	}
+	req, _ := http.NewRequest("GET", "http://"+ts.addr+"/derp", nil)
+	req.Header.Set("Upgrade", "websocket")
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Sec-WebSocket-Protocol", "derp")
+	resp, err = http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotImplemented {
+		t.Fatalf("websocket: status %d", resp.StatusCode)
+	}
+}
+
+func TestHandshakeAndSelfSend(t *testing.T) {
+	ts := newTestServer(t, Options{})
+	// Lower-case upgrade token is accepted.
+	conn := dialRaw(t, ts.addr)
+	io.WriteString(conn, "GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: dErP\r\n\r\n")
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != 101 {
+		t.Fatalf("upgrade: %v %v", resp, err)
+	}
+	conn.Close()
+
+	c := newClient(t, ts.addr, clientOpts{})
+	if c.serverPub != ts.s.PublicKey() {
+		t.Fatal("ServerKey frame carries the wrong key")
+	}
+	if got := c.header.Get("Derp-Public-Key"); got != ts.s.PublicKey().String() {
+		t.Fatalf("Derp-Public-Key %q", got)
+	}
+	if got := c.header.Get("Derp-Version"); got != "2" {
+		t.Fatalf("Derp-Version %q", got)
+	}
+	c.send(c.pub, []byte{0xde, 0xad, 0xbe, 0xef})
+	src, pkt := c.recvPacket()
+	if src != c.pub || !bytes.Equal(pkt, []byte{0xde, 0xad, 0xbe, 0xef}) {
+		t.Fatalf("got %v %x", src, pkt)
+	}
+	ts.waitMetric("derp_current_connections", func(v float64) bool { return v == 1 })
+	ts.waitMetric("derp_packets_sent", func(v float64) bool { return v == 1 })
+	ts.waitMetric("derp_packets_received", func(v float64) bool { return v == 1 })
+	ts.waitMetric("derp_accepts", func(v float64) bool { return v == 2 })
+}
+
+func TestFastStartKeepsPipelinedBytes(t *testing.T) {
+	ts := newTestServer(t, Options{})
+	priv, _ := derp.NewPrivateKey()
+	ci, _ := derp.AppendClientInfo(nil, priv, ts.s.PublicKey(), &derp.ClientInfo{Version: 2})
+	// Request, ClientInfo and a first packet to ourselves in one write.
+	req := []byte("GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nDerp-Fast-Start: 1\r\n\r\n")
+	req = append(req, ci...)
+	req = derp.AppendSendPacket(req, priv.Public(), []byte("pipelined"))
+	conn := dialRaw(t, ts.addr)
+	conn.Write(req)
+	c := &testClient{t: t, conn: conn, priv: priv, pub: priv.Public(), serverPub: ts.s.PublicKey()}
+	c.br = bufio.NewReader(conn)
+	c.fr = derp.NewFrameReader(c.br, 0)
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	first := make([]byte, 5)
+	if _, err := io.ReadFull(c.br, first); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(first, []byte{1, 0, 0, 0, 40}) {
+		t.Fatalf("fast start: first bytes %q, want a ServerKey frame", first)
+	}
+	c.br.Discard(40)
+	if err := c.readServerInfo(); err != nil {
+		t.Fatalf("fast start (server key taken on faith): %v", err)
+	}
+	_, pkt := c.recvPacket()
+	if string(pkt) != "pipelined" {
+		t.Fatalf("pipelined packet %q", pkt)
+	}
+}
+
+func TestPacketsBothWaysAllSizes(t *testing.T) {
+	ts := newTestServer(t, Options{QueueDepth: 256})
+	a := newClient(t, ts.addr, clientOpts{})
+	b := newClient(t, ts.addr, clientOpts{})
+	sizes := []int{0, 1, 31, 62, 1200, 1500, 9000, 9217, 32 << 10, derp.MaxPacketSize}
+	for _, pair := range [][2]*testClient{{a, b}, {b, a}} {
+		from, to := pair[0], pair[1]
+		var sent [][]byte
+		for _, n := range sizes {
+			sent = append(sent, randBytes(n))
+		}
+		go func() {
+			for _, p := range sent {
+				from.send(to.pub, p)
+			}
+		}()
+		for i := range sizes {
+			src, pkt := to.recvPacket()
+			if src != from.pub {
+				t.Fatalf("packet %d: source %v, want %v", i, src, from.pub)
+			}
+			if len(pkt) != sizes[i] {
+				t.Fatalf("packet %d: %d bytes, want %d (out of order?)", i, len(pkt), sizes[i])
+			}
+			if !bytes.Equal(pkt, sent[i]) {
+				t.Fatalf("packet %d differs", i)
+			}
+		}
+	}
+	// Oversized packet closes only the sender.
+	a.write(derp.AppendFrameHeader(nil, derp.FrameSendPacket, derp.KeyLen+derp.MaxPacketSize+1))
+	a.expectClosed()
+	// b received from a, so it hears that a is gone, and is still served.
+	if k, _, _ := derp.ParsePeerGone(b.mustNext(derp.FramePeerGone)); k != a.pub {
+		t.Fatal("PeerGone for the wrong key")
+	}
+	b.send(b.pub, []byte("still here"))
+	if _, pkt := b.recvPacket(); string(pkt) != "still here" {
+		t.Fatal("other client disturbed")
+	}
+	ts.waitMetric(`xderp_connections_closed_total{reason="protocol_error"}`, func(v float64) bool { return v == 1 })
+}
+
+func TestPeerGoneToReceivers(t *testing.T) {
+	ts := newTestServer(t, Options{})
+	a := newClient(t, ts.addr, clientOpts{})
+	b := newClient(t, ts.addr, clientOpts{})
+	c := newClient(t, ts.addr, clientOpts{})
+	a.send(b.pub, []byte("hi"))
+	b.recvPacket()
+	a.close()
+	p := b.mustNext(derp.FramePeerGone)
+	k, reason, err := derp.ParsePeerGone(p)
+	if err != nil || k != a.pub || reason != derp.PeerGoneDisconnected || len(p) != 33 {
+		t.Fatalf("PeerGone %x %v", p, err)
+	}
+	// c never received from a: nothing for it.
+	if got := c.barrier(); len(got) != 0 {
+		t.Fatalf("bystander got %v", got)
+	}
+	ts.waitMetric("derp_peer_gone_disconnected_frames", func(v float64) bool { return v == 1 })
+
+	// A key that reconnects and leaves again is reported again.
+	a2 := newClient(t, ts.addr, clientOpts{priv: a.priv})
+	a2.send(b.pub, []byte("back"))
+	if _, pkt := b.recvPacket(); string(pkt) != "back" {
+		t.Fatal("packet after reconnect")
+	}
+	a2.close()
+	if k, _, _ := derp.ParsePeerGone(b.mustNext(derp.FramePeerGone)); k != a.pub {
+		t.Fatal("second PeerGone for the wrong key")
+	}
+}
+
+func TestPingPong(t *testing.T) {
+	ts := newTestServer(t, Options{})
+	c := newClient(t, ts.addr, clientOpts{})
+	var d [8]byte
+	copy(d[:], "12345678")
+	c.ping(d)
+	if p := c.mustNext(derp.FramePong); string(p) != "12345678" {
+		t.Fatalf("pong %q", p)
+	}
+	long := append(d[:], randBytes(992)...)
+	c.write(derp.AppendFrame(nil, derp.FramePing, long))
+	if p := c.mustNext(derp.FramePong); string(p) != "12345678" {
+		t.Fatalf("pong to 1000-byte ping %q", p)
+	}
+	// Unsolicited Pong and KeepAlive from a client are skipped.
+	c.write(derp.AppendPong(nil, d))
+	c.write(derp.AppendKeepAlive(nil))
+	if got := c.barrier(); len(got) != 0 {
+		t.Fatalf("unexpected frames %v", got)
+	}
+	c.write(derp.AppendFrame(nil, derp.FramePing, d[:7]))
+	c.expectClosed()
+	ts.waitMetric("derp_got_ping", func(v float64) bool { return v == 4 })
+	ts.waitMetric("derp_sent_pong", func(v float64) bool { return v == 3 })
+}
+
+func TestDuplicateKeysLastWriterActive(t *testing.T) {
+	ts := newTestServer(t, Options{})
+	b := newClient(t, ts.addr, clientOpts{})
+	a1 := newClient(t, ts.addr, clientOpts{})
+	a2 := newClient(t, ts.addr, clientOpts{priv: a1.priv})
+	ts.waitMetric("derp_current_dup_client_keys", func(v float64) bool { return v == 1 })
+	ts.waitMetric("derp_current_dup_client_conns", func(v float64) bool { return v == 2 })
+
+	deliver := func(want, other *testClient, msg string) {
+		t.Helper()
+		b.send(a1.pub, []byte(msg))
+		if _, pkt := want.recvPacket(); string(pkt) != msg {
+			t.Fatalf("got %q want %q", pkt, msg)
+		}
+		if got := other.barrier(); len(got) != 0 {
+			t.Fatalf("duplicate delivery to the inactive connection: %v", got)
+		}
+	}
+	deliver(a2, a1, "to newest")
+	// a1 speaks (its barrier above was a frame, so it is active now).
+	deliver(a1, a2, "to last writer")
+	a2.barrier()
+	deliver(a2, a1, "back to a2")
+	a2.close()
+	ts.waitMetric("derp_current_dup_client_keys", func(v float64) bool { return v == 0 })
+	deliver(a1, b, "only one left")
+	// The key still has a connection: no PeerGone for it.
+	if got := b.barrier(); len(got) != 0 {
+		t.Fatalf("b got %v", got)
+	}
+}
+
+func TestUnknownDestination(t *testing.T) {
+	ts := newTestServer(t, Options{})
+	c := newClient(t, ts.addr, clientOpts{})
+	unknown := derp.PublicKey{7, 7, 7}
+	c.send(unknown, []byte("not disco"))
+	if got := c.barrier(); len(got) != 0 {
+		t.Fatalf("reply to non-disco: %v", got)
+	}
+	start := time.Now()
+	for range 6 {
+		c.send(unknown, discoPacket(80))
+	}
+	got := c.barrier()
+	elapsed := time.Since(start)
+	// Burst of 3, then 1/s.
+	maxGone := 3 + int(elapsed/time.Second)
+	if len(got) < 3 || len(got) > maxGone {
+		t.Fatalf("%d PeerGone frames in %v, want 3..%d", len(got), elapsed, maxGone)
+	}
+	for _, f := range got {
+		k, r, _ := derp.ParsePeerGone(f.p)
+		if f.typ != derp.FramePeerGone || k != unknown || r != derp.PeerGoneNotHere {
+			t.Fatalf("frame %v %x", f.typ, f.p)
+		}
+	}
+	ts.waitMetric(`derp_packets_dropped{reason="unknown_dest",kind="other"}`, func(v float64) bool { return v == 1 })
+	ts.waitMetric(`derp_packets_dropped{reason="unknown_dest",kind="disco"}`, func(v float64) bool { return v == 6 })
+	ts.waitMetric(`derp_bytes_dropped{reason="unknown_dest",kind="disco"}`, func(v float64) bool { return v == 6*80 })
+}
+
+func TestSlowReceiverDoesNotBlockSender(t *testing.T) {
+	ts := newTestServer(t, Options{WriteTimeout: 300 * time.Millisecond})
+	sender := newClient(t, ts.addr, clientOpts{})
+	fast := newClient(t, ts.addr, clientOpts{})
+	// The slow receiver never reads; shrink its socket buffer so the
+	// server's writes stall quickly.
+	slowConn := dialRaw(t, ts.addr)
+	slowConn.(*net.TCPConn).SetReadBuffer(4096)
+	slow, err := handshakeClient(t, slowConn, clientOpts{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pkt := randBytes(1200)
+	frame := derp.AppendSendPacket(nil, slow.pub, pkt)
+	var burst []byte
+	for range 100 {
+		burst = append(burst, frame...)
+	}
+	for range 200 { // 20,000 packets, 24 MB
+		sender.write(burst)
+	}
+	// The sender is still served promptly...
+	start := time.Now()
+	sender.barrier()
+	if d := time.Since(start); d > 3*time.Second {
+		t.Fatalf("sender's ping took %v", d)
+	}
+	// ...and so is everyone else.
+	sender.send(fast.pub, []byte("fast"))
+	if _, p := fast.recvPacket(); string(p) != "fast" {
+		t.Fatal("fast receiver")
+	}
+	var drops float64
+	for _, r := range []string{"queue_head", "write_error", "gone_disconnected"} {
+		drops += ts.metric(`derp_packets_dropped{reason="` + r + `",kind="other"}`)
+	}
+	if drops == 0 {
+		t.Fatal("no drops counted for a receiver that never reads")
+	}
+	_ = slow
+}
+
+func TestHostileInputKeepsServing(t *testing.T) {
+	ts := newTestServer(t, Options{HandshakeTimeout: 500 * time.Millisecond})
+	a := newClient(t, ts.addr, clientOpts{})
+	b := newClient(t, ts.addr, clientOpts{})
+	alive := func(msg string) {
+		t.Helper()
+		a.send(b.pub, []byte(msg))
+		if _, p := b.recvPacket(); string(p) != msg {
+			t.Fatalf("after %s: got %q", msg, p)
+		}
+	}
+	upgrade := func() (net.Conn, *bufio.Reader) {
+		conn := dialRaw(t, ts.addr)
+		io.WriteString(conn, "GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\n\r\n")
+		br := bufio.NewReader(conn)
+		conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if resp, err := http.ReadResponse(br, nil); err != nil || resp.StatusCode != 101 {
+			t.Fatalf("upgrade: %v", err)
+		}
+		return conn, br
+	}
+
+	t.Run("garbage after upgrade", func(t *testing.T) {
+		conn, br := upgrade()
+		conn.Write(randBytes(4096))
+		expectClosed(t, conn, br)
+		alive("garbage")
+	})
+	t.Run("wrong first frame", func(t *testing.T) {
+		conn, br := upgrade()
+		conn.Write(derp.AppendPing(nil, [8]byte{}))
+		expectClosed(t, conn, br)
+		alive("first frame")
+	})
+	t.Run("huge ClientInfo", func(t *testing.T) {
+		conn, br := upgrade()
+		conn.Write(derp.AppendFrameHeader(nil, derp.FrameClientInfo, 1<<30))
+		expectClosed(t, conn, br)
+		alive("huge")
+	})
+	t.Run("wrong server key in ClientInfo", func(t *testing.T) {
+		conn, br := upgrade()
+		priv, _ := derp.NewPrivateKey()
+		other, _ := derp.NewPrivateKey()
+		ci, _ := derp.AppendClientInfo(nil, priv, other.Public(), &derp.ClientInfo{})
+		conn.Write(ci)
+		expectClosed(t, conn, br)
+		alive("wrong key")
+	})
+	t.Run("stalled handshake", func(t *testing.T) {
+		conn, br := upgrade()
+		conn.Write([]byte{2, 0, 0}) // half a header, then nothing
+		start := time.Now()
+		expectClosed(t, conn, br)
+		if d := time.Since(start); d > 3*time.Second {
+			t.Fatalf("stalled client held for %v", d)
+		}
+		alive("stalled")
+	})
+	t.Run("stalled before upgrade response is read", func(t *testing.T) {
+		conn := dialRaw(t, ts.addr)
+		io.WriteString(conn, "GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\n\r\n")
+		expectClosed(t, conn, conn)
+		alive("stalled2")
+	})
+	t.Run("oversized unknown frame", func(t *testing.T) {
+		c := newClient(t, ts.addr, clientOpts{})
+		c.write(derp.AppendFrame(nil, 0x42, []byte("small unknown frames are skipped")))
+		c.barrier()
+		c.write(derp.AppendFrameHeader(nil, 0x42, 2<<20))
+		c.expectClosed()
+		alive("unknown")
+	})
+	t.Run("privileged frames without mesh key", func(t *testing.T) {
+		for _, f := range [][]byte{
+			derp.AppendWatchConns(nil),
+			derp.AppendClosePeer(nil, a.pub),
+			derp.AppendForwardPacket(nil, a.pub, b.pub, []byte("x")),
+		} {
+			c := newClient(t, ts.addr, clientOpts{})
+			c.write(f)
+			c.expectClosed()
+		}
+		alive("privileged")
+	})
+	t.Run("bad NotePreferred", func(t *testing.T) {
+		c := newClient(t, ts.addr, clientOpts{})
+		c.write(derp.AppendFrame(nil, derp.FrameNotePreferred, []byte{1, 1}))
+		c.expectClosed()
+		alive("notepreferred")
+	})
+	t.Run("short SendPacket", func(t *testing.T) {
+		c := newClient(t, ts.addr, clientOpts{})
+		c.write(derp.AppendFrame(nil, derp.FrameSendPacket, make([]byte, 31)))
+		c.expectClosed()
+		alive("short")
+	})
+	t.Run("many connections opened and dropped", func(t *testing.T) {
+		var wg sync.WaitGroup
+		for i := range 200 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				conn, err := net.Dial("tcp", ts.addr)
+				if err != nil {
+					return
+				}
+				if i%2 == 0 {
+					io.WriteString(conn, "GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\n\r\n")
+				}
+				conn.Close()
+			}()
+		}
+		wg.Wait()
+		alive("churn")
+		ts.waitMetric("xderp_handshakes_in_progress", func(v float64) bool { return v == 0 })
+	})
+	if v := ts.metric(`xderp_handshake_errors_total{reason="client_info"}`); v != 1 {
+		t.Errorf("client_info handshake errors = %v", v)
+	}
+}
+
+func TestAdmission(t *testing.T) {
+	refused, _ := derp.NewPrivateKey()
+	mk := strings.Repeat("5a", 32)
+	var seen []netip.AddrPort
+	var mu sync.Mutex
+	ts := newTestServer(t, Options{MeshKey: mk, Admit: func(_ context.Context, k derp.PublicKey, info *derp.ClientInfo, remote netip.AddrPort) error {
+		mu.Lock()
+		seen = append(seen, remote)
+		mu.Unlock()
+		if k == refused.Public() {
+			return errors.New("not on the list")
+		}
+		return nil
+	}})
+	if _, err := tryClient(t, ts.addr, clientOpts{priv: refused}); err == nil {
+		t.Fatal("refused client got ServerInfo")
+	}
+	newClient(t, ts.addr, clientOpts{})
+	// Mesh peers bypass admission even with a refused key.
+	mkey, _ := derp.ParseMeshKey(mk)
+	newClient(t, ts.addr, clientOpts{priv: refused, info: &derp.ClientInfo{MeshKey: mkey}})
+	mu.Lock()
+	defer mu.Unlock()
+	if len(seen) != 2 || !seen[0].Addr().IsLoopback() || seen[0].Addr().Is4In6() {
+		t.Fatalf("admission calls %v", seen)
+	}
+	ts.waitMetric(`xderp_handshake_errors_total{reason="admission"}`, func(v float64) bool { return v == 1 })
+}
+
+func TestKeepAliveAndHealth(t *testing.T) {
+	ts := newTestServer(t, Options{KeepAlive: 50 * time.Millisecond})
+	c := newClient(t, ts.addr, clientOpts{})
+	c.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	typ, _, err := c.fr.ReadFrame()
+	if err != nil || typ != derp.FrameKeepAlive {
+		t.Fatalf("got %v %v, want KeepAlive", typ, err)
+	}
+	ts.s.SetHealth("something is wrong")
+	if p := c.mustNext(derp.FrameHealth); string(p) != "something is wrong" {
+		t.Fatalf("health %q", p)
+	}
+	late := newClient(t, ts.addr, clientOpts{})
+	if p := late.mustNext(derp.FrameHealth); string(p) != "something is wrong" {
+		t.Fatalf("late health %q", p)
+	}
+	ts.s.SetHealth("")
+	if p := c.mustNext(derp.FrameHealth); len(p) != 0 {
+		t.Fatalf("healthy again %q", p)
+	}
+}
+
+func TestCloseSendsRestarting(t *testing.T) {
+	ts := newTestServer(t, Options{RestartReconnectIn: 250 * time.Millisecond, RestartTryFor: 3 * time.Second})
+	c := newClient(t, ts.addr, clientOpts{})
+	c2 := newClient(t, ts.addr, clientOpts{})
+	done := make(chan struct{})
+	go func() { ts.s.Close(); close(done) }()
+	for _, cl := range []*testClient{c, c2} {
+		p := cl.mustNext(derp.FrameRestarting)
+		r, tf, err := derp.ParseRestarting(p)
+		if err != nil || r != 250*time.Millisecond || tf != 3*time.Second {
+			t.Fatalf("restarting %v %v %v", r, tf, err)
+		}
+		cl.expectClosed()
+		cl.close()
+	}
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return")
+	}
+	if _, err := tryClient(t, ts.addr, clientOpts{}); err == nil {
+		t.Fatal("handshake succeeded after Close")
+	}
+	if v := ts.metric("derp_current_connections"); v != 0 {
+		t.Fatalf("connections after Close: %v", v)
+	}
+}
+
+func TestNotePreferredGauge(t *testing.T) {
+	ts := newTestServer(t, Options{})
+	c := newClient(t, ts.addr, clientOpts{})
+	c.write(derp.AppendNotePreferred(nil, true))
+	ts.waitMetric("derp_current_home_connections", func(v float64) bool { return v == 1 })
+	c.write(derp.AppendNotePreferred(nil, false))
+	ts.waitMetric("derp_current_home_connections", func(v float64) bool { return v == 0 })
+	c.write(derp.AppendNotePreferred(nil, true))
+	ts.waitMetric("derp_current_home_connections", func(v float64) bool { return v == 1 })
+	c.close()
+	ts.waitMetric("derp_current_home_connections", func(v float64) bool { return v == 0 })
+}
+
+// TestOverPipe runs the handshake and relay over net.Pipe, which exercises
+// the plain-read path used for TLS and wrapped connections.
+func TestOverPipe(t *testing.T) {
+	k, _ := derp.NewPrivateKey()
+	s, err := New(Options{PrivateKey: k})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	var clients []*testClient
+	for range 2 {
+		cs, ss := net.Pipe()
+		t.Cleanup(func() { cs.Close() })
+		go s.serveConn(bg, ss, bufio.NewReader(ss), false, false, "192.0.2.1:1234")
+		c := &testClient{t: t, conn: cs, br: bufio.NewReader(cs)}
+		c.fr = derp.NewFrameReader(c.br, 0)
+		c.priv, _ = derp.NewPrivateKey()
+		c.pub = c.priv.Public()
+		// Not fast start: skip the 101 response.
+		cs.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := http.ReadResponse(c.br, nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.readServerKey(); err != nil {
+			t.Fatal(err)
+		}
+		ci, _ := derp.AppendClientInfo(nil, c.priv, c.serverPub, &derp.ClientInfo{})
+		go cs.Write(ci)
+		if err := c.readServerInfo(); err != nil {
+			t.Fatal(err)
+		}
+		clients = append(clients, c)
+	}
+	a, b := clients[0], clients[1]
+	big := randBytes(derp.MaxPacketSize)
+	go a.send(b.pub, big)
+	if _, p := b.recvPacket(); !bytes.Equal(p, big) {
+		t.Fatal("big packet over pipe")
+	}
+	go a.send(b.pub, []byte("small"))
+	if _, p := b.recvPacket(); string(p) != "small" {
+		t.Fatal("small packet over pipe")
+	}
+}
