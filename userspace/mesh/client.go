@@ -28,12 +28,13 @@ type clientConn struct {
 var errSelf = errors.New("remote server is this node (self-connection)")
 
 // dialMesh connects to addr (host:port), upgrades to DERP via t's URL,
-// authenticates with priv and meshKey, and subscribes with WatchConns.
-// self is our own server key: when the remote announces it, the connection
-// is closed and errSelf returned before any privileged frame is sent.
+// authenticates with priv and meshKey (none if zero), and, if watch is set,
+// subscribes with WatchConns. self is our own server key: when the remote
+// announces it, the connection is closed and errSelf returned before any
+// privileged frame is sent.
 // The whole exchange must finish within ctx (callers bound it with a
 // timeout).
-func dialMesh(ctx context.Context, t *target, addr string, tlsConf *tls.Config, priv derp.PrivateKey, self derp.PublicKey, meshKey derp.MeshKey) (*clientConn, error) {
+func dialMesh(ctx context.Context, t *target, addr string, tlsConf *tls.Config, priv derp.PrivateKey, self derp.PublicKey, meshKey derp.MeshKey, watch bool) (*clientConn, error) {
 	var d net.Dialer
 	nc, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
@@ -110,7 +111,9 @@ func dialMesh(ctx context.Context, t *target, addr string, tlsConf *tls.Config, 
 	if err != nil {
 		return nil, err
 	}
-	out = derp.AppendWatchConns(out)
+	if watch {
+		out = derp.AppendWatchConns(out)
+	}
 	if _, err := nc.Write(out); err != nil {
 		return nil, fmt.Errorf("write client info: %w", err)
 	}

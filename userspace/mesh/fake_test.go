@@ -17,18 +17,21 @@ import (
 // what the client proves, answers WatchConns with PeerPresent for its
 // current keys, and reports every ForwardPacket it reads.
 type fakeNode struct {
-	t       *testing.T
-	priv    derp.PrivateKey
-	pub     derp.PublicKey
-	ln      net.Listener
-	srv     *http.Server
-	conns   chan *fakeConn
-	mu      sync.Mutex
-	keys    []derp.PublicKey // announced on WatchConns
-	noRead  bool             // stop reading after the handshake (stuck peer)
-	live    []net.Conn
-	quit    chan struct{}
-	handled sync.WaitGroup
+	t      *testing.T
+	priv   derp.PrivateKey
+	pub    derp.PublicKey
+	ln     net.Listener
+	srv    *http.Server
+	conns  chan *fakeConn
+	mu     sync.Mutex
+	keys   []derp.PublicKey // announced on WatchConns
+	noRead bool             // stop reading after the handshake (stuck peer)
+	// floodFirst announces keys right after the handshake, without waiting
+	// for WatchConns (with noRead, a stuck peer that still has keys).
+	floodFirst bool
+	live       []net.Conn
+	quit       chan struct{}
+	handled    sync.WaitGroup
 }
 
 type fakeConn struct {
@@ -136,7 +139,16 @@ func (n *fakeNode) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	n.conns <- c
 	n.mu.Lock()
 	noRead := n.noRead
+	var flood []byte
+	if n.floodFirst {
+		for _, k := range n.keys {
+			flood = derp.AppendPeerPresent(flood, derp.PeerPresent{Key: k})
+		}
+	}
 	n.mu.Unlock()
+	if c.write(flood) != nil {
+		return
+	}
 	if noRead {
 		// Never read again: the client's writes pile up in the socket
 		// buffers until its write deadline fires.

@@ -120,7 +120,7 @@ func (p *peer) run(ctx context.Context) {
 	failing := false
 	for ctx.Err() == nil {
 		dctx, cancel := context.WithTimeout(ctx, m.opts.DialTimeout)
-		cc, err := dialMesh(dctx, p.t, p.addr.String(), m.opts.TLSConfig, m.opts.PrivateKey, m.pub, m.meshKey)
+		cc, err := dialMesh(dctx, p.t, p.addr.String(), m.opts.TLSConfig, m.opts.PrivateKey, m.pub, m.meshKey, true)
 		cancel()
 		if errors.Is(err, errSelf) {
 			p.self.Store(true)
