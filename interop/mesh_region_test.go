@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net"
+	"net/http"
 	"net/http/httptest"
 	"sync"
 	"sync/atomic"
@@ -20,6 +21,7 @@ import (
 	"tailscale.com/types/key"
 
 	xderp "github.com/xderp/xderp/userspace/derp"
+	"github.com/xderp/xderp/userspace/derpserver"
 	"github.com/xderp/xderp/userspace/mesh"
 	"github.com/xderp/xderp/userspace/metrics"
 )
@@ -27,36 +29,42 @@ import (
 // Region tests run several relay nodes in this process, each on its own
 // loopback port, and mesh them. A node is a relay core plus a mesh client:
 //
-//   - meshXderp: the relay core driven by xderp's userspace/mesh client;
-//   - meshTailscale: the relay core driven by Tailscale's own mesh client
-//     (derphttp RunWatchConnectionLoop, as cmd/derper -mesh-with does).
-//
-// The relay core is Tailscale's derpserver; userspace/mesh registers its
-// forwarders there through a small adapter. This exercises the mesh
-// client's protocol against the reference server side (WatchConns,
-// PeerPresent/PeerGone, ForwardPacket).
+//   - nodeXderp: xderp's userspace/derpserver driven by userspace/mesh (what
+//     xderpd runs; the daemon's -mesh-with wiring is the same two calls);
+//   - nodeDerper: Tailscale's derpserver driven by Tailscale's own mesh
+//     client (derphttp RunWatchConnectionLoop, exactly as cmd/derper
+//     -mesh-with sets it up);
+//   - nodeXmeshOnDerper: Tailscale's derpserver driven by userspace/mesh
+//     through an adapter, which checks the mesh client against the
+//     reference server side of the protocol.
 const regionMeshKey = "6d657368206b657920666f7220746865207265676f6e20746573747320303031"
 
-type meshKind int
+type nodeKind int
 
 const (
-	meshXderp meshKind = iota
-	meshTailscale
+	nodeXderp nodeKind = iota
+	nodeDerper
+	nodeXmeshOnDerper
 )
+
+func (k nodeKind) String() string {
+	return [...]string{"xderp", "derper", "xmesh-on-derper"}[k]
+}
 
 type regionNode struct {
 	t       *testing.T
 	name    string
-	kind    meshKind
+	kind    nodeKind
 	priv    key.NodePrivate
 	addr    string // host:port, stable across restarts
 	meshKey string
 
 	mu      sync.Mutex
-	srv     *tsderpserver.Server
+	srv     *tsderpserver.Server // Tailscale core (nodeDerper, nodeXmeshOnDerper)
+	xsrv    *derpserver.Server   // xderp core (nodeXderp)
 	hs      *httptest.Server
 	mesh    *mesh.Mesh
-	reg     *metrics.Registry
+	reg     *metrics.Registry // xderp core and mesh metrics
 	tsMesh  []context.CancelFunc
 	tsMeshC []*derphttp.Client
 	peers   []string
@@ -64,12 +72,12 @@ type regionNode struct {
 
 func (n *regionNode) url() string { return "http://" + n.addr + "/derp" }
 
-func newRegionNode(t *testing.T, name string, kind meshKind) *regionNode {
+func newRegionNode(t *testing.T, name string, kind nodeKind) *regionNode {
 	t.Helper()
 	return newRegionNodeKey(t, name, kind, regionMeshKey)
 }
 
-func newRegionNodeKey(t *testing.T, name string, kind meshKind, meshKey string) *regionNode {
+func newRegionNodeKey(t *testing.T, name string, kind nodeKind, meshKey string) *regionNode {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -82,16 +90,32 @@ func newRegionNodeKey(t *testing.T, name string, kind meshKind, meshKey string) 
 }
 
 func (n *regionNode) serve(ln net.Listener) {
-	s := tsderpserver.New(n.priv, n.t.Logf)
-	if err := s.SetMeshKey(n.meshKey); err != nil {
-		n.t.Fatal(err)
+	var h http.Handler
+	reg := metrics.NewRegistry()
+	var ts *tsderpserver.Server
+	var xs *derpserver.Server
+	if n.kind == nodeXderp {
+		var err error
+		xs, err = derpserver.New(derpserver.Options{PrivateKey: xderp.PrivateKey(n.priv.Raw32()), MeshKey: n.meshKey, Metrics: reg})
+		if err != nil {
+			n.t.Fatal(err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/derp", xs)
+		h = mux
+	} else {
+		ts = tsderpserver.New(n.priv, n.t.Logf)
+		if err := ts.SetMeshKey(n.meshKey); err != nil {
+			n.t.Fatal(err)
+		}
+		h = tsderpserver.Handler(ts)
 	}
-	hs := httptest.NewUnstartedServer(tsderpserver.Handler(s))
+	hs := httptest.NewUnstartedServer(h)
 	hs.Listener.Close()
 	hs.Listener = ln
 	hs.Start()
 	n.mu.Lock()
-	n.srv, n.hs = s, hs
+	n.srv, n.xsrv, n.hs, n.reg = ts, xs, hs, reg
 	n.mu.Unlock()
 }
 
@@ -110,10 +134,13 @@ func (n *regionNode) startMesh() {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	switch n.kind {
-	case meshXderp:
-		n.reg = metrics.NewRegistry()
+	case nodeXderp, nodeXmeshOnDerper:
+		var relay mesh.Relay = n.xsrv
+		if n.kind == nodeXmeshOnDerper {
+			relay = &tsRelay{s: n.srv, wrap: map[mesh.Forwarder]*tsForwarder{}}
+		}
 		m, err := mesh.New(mesh.Options{
-			Server:       &tsRelay{s: n.srv, wrap: map[mesh.Forwarder]*tsForwarder{}},
+			Server:       relay,
 			PrivateKey:   xderp.PrivateKey(n.priv.Raw32()),
 			MeshKey:      n.meshKey,
 			Peers:        n.peers,
@@ -126,7 +153,7 @@ func (n *regionNode) startMesh() {
 		}
 		m.Start(context.Background())
 		n.mesh = m
-	case meshTailscale:
+	case nodeDerper:
 		s := n.srv
 		for _, u := range n.peers {
 			c, err := derphttp.NewClient(s.PrivateKey(), u, n.t.Logf, netmon.NewStatic())
@@ -160,10 +187,15 @@ func (n *regionNode) kill() {
 		c.Close()
 	}
 	n.tsMesh, n.tsMeshC = nil, nil
-	if n.srv != nil {
-		n.srv.Close()
+	if n.hs != nil {
+		if n.srv != nil {
+			n.srv.Close()
+		}
+		if n.xsrv != nil {
+			n.xsrv.Close()
+		}
 		n.hs.Close()
-		n.srv, n.hs = nil, nil
+		n.srv, n.xsrv, n.hs = nil, nil, nil
 	}
 }
 
@@ -403,7 +435,13 @@ func fullMesh(nodes ...*regionNode) {
 }
 
 func TestMeshThreeNodes(t *testing.T) {
-	a, b, c := newRegionNode(t, "a", meshXderp), newRegionNode(t, "b", meshXderp), newRegionNode(t, "c", meshXderp)
+	for _, kind := range []nodeKind{nodeXderp, nodeXmeshOnDerper} {
+		t.Run(kind.String(), func(t *testing.T) { testThreeNodes(t, kind) })
+	}
+}
+
+func testThreeNodes(t *testing.T, kind nodeKind) {
+	a, b, c := newRegionNode(t, "a", kind), newRegionNode(t, "b", kind), newRegionNode(t, "c", kind)
 	fullMesh(a, b, c)
 	ca := dialRegion(t, a, key.NewNode())
 	cb := dialRegion(t, b, key.NewNode())
@@ -446,9 +484,11 @@ func TestMeshThreeNodes(t *testing.T) {
 	exchange(t, cc, moved, 100)
 }
 
-func TestMeshMixedWithTailscaleMesh(t *testing.T) {
-	x := newRegionNode(t, "xderp-mesh", meshXderp)
-	d := newRegionNode(t, "derper-mesh", meshTailscale)
+// TestMeshMixedRegion meshes an xderp node with a derper node (Tailscale's
+// relay core and mesh client) using the same key.
+func TestMeshMixedRegion(t *testing.T) {
+	x := newRegionNode(t, "xderp", nodeXderp)
+	d := newRegionNode(t, "derper", nodeDerper)
 	x.meshWith(d)
 	d.meshWith(x)
 	cx := dialRegion(t, x, key.NewNode())
@@ -462,7 +502,7 @@ func TestMeshMixedWithTailscaleMesh(t *testing.T) {
 }
 
 func TestMeshNodeFailure(t *testing.T) {
-	a, b, c := newRegionNode(t, "a", meshXderp), newRegionNode(t, "b", meshXderp), newRegionNode(t, "c", meshXderp)
+	a, b, c := newRegionNode(t, "a", nodeXderp), newRegionNode(t, "b", nodeXderp), newRegionNode(t, "c", nodeXderp)
 	fullMesh(a, b, c)
 	ca := dialRegion(t, a, key.NewNode())
 	cb := dialRegion(t, b, key.NewNode())
@@ -551,8 +591,8 @@ func waitGone(t *testing.T, rc *regionClient, k key.NodePublic, d time.Duration)
 func TestMeshWrongKey(t *testing.T) {
 	// a is configured with another key than b (both its server and its
 	// mesh client).
-	a := newRegionNodeKey(t, "a", meshXderp, "0000000000000000000000000000000000000000000000000000000000000001")
-	b := newRegionNode(t, "b", meshXderp)
+	a := newRegionNodeKey(t, "a", nodeXderp, "0000000000000000000000000000000000000000000000000000000000000001")
+	b := newRegionNode(t, "b", nodeXderp)
 	a.meshWith(b)
 	b.meshWith(a)
 	ca := dialRegion(t, a, key.NewNode())
