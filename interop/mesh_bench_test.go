@@ -3,6 +3,8 @@ package interop
 import (
 	"context"
 	"fmt"
+	"os/exec"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -15,11 +17,18 @@ import (
 // several offered loads (packets/s over all senders; 0 = unthrottled). The
 // loads above a relay's capacity are the overload cases: delivered
 // throughput should stay near capacity, not collapse. Each sub-benchmark is
-// one timed window; the figures are the reported metrics.
+// one timed window; the figures are the reported metrics. Each node runs in
+// its own process (internal/meshbench/meshnode), as in a real region; the
+// load generator is this process.
 //
 //	XDERP_INTEROP_TARGET=derper go test -run '^$' -bench MeshForward -benchtime 1x .
 func BenchmarkMeshForward(b *testing.B) {
-	for _, rate := range []float64{20000, 50000, 100000, 200000, 0} {
+	bin := filepath.Join(b.TempDir(), "meshnode")
+	build := exec.Command("go", "build", "-o", bin, "./internal/meshbench/meshnode")
+	if out, err := build.CombinedOutput(); err != nil {
+		b.Fatalf("build meshnode: %v\n%s", err, out)
+	}
+	for _, rate := range []float64{50000, 100000, 200000, 400000, 0} {
 		res := map[meshbench.Kind]meshbench.Result{}
 		for _, kind := range []meshbench.Kind{meshbench.Xderp, meshbench.Derper} {
 			name := fmt.Sprintf("%s/offered=%.0f", kind, rate)
@@ -30,7 +39,7 @@ func BenchmarkMeshForward(b *testing.B) {
 				var r meshbench.Result
 				for range b.N {
 					var err error
-					r, err = meshbench.Run(context.Background(), meshbench.Options{Kind: kind, Pairs: 16, Rate: rate, Duration: 3 * time.Second})
+					r, err = meshbench.Run(context.Background(), meshbench.Options{Kind: kind, Pairs: 16, Rate: rate, Duration: 3 * time.Second, NodeBin: bin})
 					if err != nil {
 						b.Fatal(err)
 					}

@@ -84,6 +84,12 @@ func (p *peer) ForwardPacket(src, dst derp.PublicKey, pkt []byte) error {
 		p.m.met.dropTooLarge.Inc()
 		return fmt.Errorf("mesh: packet of %d bytes, limit %d", len(pkt), derp.MaxPacketSize)
 	}
+	if len(p.q) == cap(p.q) {
+		// Full: drop before paying for a copy (an overloaded peer costs
+		// its senders as little as possible).
+		p.m.met.dropQueueFull.Inc()
+		return ErrQueueFull
+	}
 	b := derp.AppendForwardPacket(getBuf(derp.FrameHeaderLen+2*derp.KeyLen+len(pkt)), src, dst, pkt)
 	select {
 	case p.q <- b:
@@ -271,12 +277,15 @@ func (p *peer) readLoop(cc *clientConn, present map[derp.PublicKey]struct{}, ctr
 }
 
 // writeLoop writes queued frames in batches: it blocks for one frame, then
-// takes whatever else is already queued (up to maxBatch) and flushes once.
+// takes whatever else is already queued and flushes once.
 // A write error or timeout closes the connection, which ends readLoop.
 func (p *peer) writeLoop(cc *clientConn, ctrl <-chan []byte, stop <-chan struct{}) {
 	m := p.m
 	bw := bufio.NewWriterSize(cc.nc, 64<<10)
-	const maxBatch = 512
+	// Take everything queued in one go (bounded by the queue length):
+	// under CPU pressure the writer runs rarely, and each run should move
+	// as much as it can.
+	maxBatch := cap(p.q)
 	batch := make([]int, 0, maxBatch) // payload sizes of data frames in this batch
 	for {
 		var b []byte

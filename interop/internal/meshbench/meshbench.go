@@ -17,6 +17,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -49,11 +51,15 @@ const meshKey = "62656e63686d61726b206d657368206b657920666f72207820616e642064212
 
 // Options configures one run. Zero values take the defaults noted.
 type Options struct {
-	Kind     Kind
-	Pairs    int           // sender/receiver pairs, default 16
-	Size     int           // packet bytes, default 1200
-	Batch    int           // frames per sender write, default 32
-	Rate     float64       // offered load in packets/s over all senders; 0 = unthrottled
+	Kind  Kind
+	Pairs int     // sender/receiver pairs, default 16
+	Size  int     // packet bytes, default 1200
+	Batch int     // frames per sender write, default 32
+	Rate  float64 // offered load in packets/s over all senders; 0 = unthrottled
+	// NodeBin, if set, is a meshnode binary (./internal/meshbench/meshnode):
+	// each node then runs in its own process, as in a real region, instead
+	// of inside the caller's process.
+	NodeBin  string
 	Warmup   time.Duration // default 500 ms
 	Duration time.Duration // measured window, default 3 s
 }
@@ -102,21 +108,31 @@ func Run(ctx context.Context, o Options) (Result, error) {
 		o.Duration = 3 * time.Second
 	}
 	res := Result{Kind: o.Kind, Pairs: o.Pairs, Size: o.Size}
-	a, err := newNode(o.Kind)
-	if err != nil {
-		return res, err
-	}
-	defer a.close()
-	b, err := newNode(o.Kind)
-	if err != nil {
-		return res, err
-	}
-	defer b.close()
-	if err := a.meshWith(b); err != nil {
-		return res, err
-	}
-	if err := b.meshWith(a); err != nil {
-		return res, err
+	var a, b nodeHandle
+	if o.NodeBin != "" {
+		pa, pb, err := startProcesses(o.NodeBin, o.Kind)
+		if err != nil {
+			return res, err
+		}
+		defer pa.close()
+		defer pb.close()
+		a, b = pa, pb
+	} else {
+		aAddr, bAddr, err := twoPorts()
+		if err != nil {
+			return res, err
+		}
+		na, err := StartNode(o.Kind, aAddr, []string{"http://" + bAddr + "/derp"})
+		if err != nil {
+			return res, err
+		}
+		defer na.Close()
+		nb, err := StartNode(o.Kind, bAddr, []string{"http://" + aAddr + "/derp"})
+		if err != nil {
+			return res, err
+		}
+		defer nb.Close()
+		a, b = na, nb
 	}
 
 	ctx, cancel := context.WithCancel(ctx)
@@ -128,12 +144,12 @@ func Run(ctx context.Context, o Options) (Result, error) {
 		}
 	}()
 	for range o.Pairs {
-		s, err := dialClient(ctx, a.addr)
+		s, err := dialClient(ctx, a.address())
 		if err != nil {
 			return res, err
 		}
 		senders = append(senders, s)
-		r, err := dialClient(ctx, b.addr)
+		r, err := dialClient(ctx, b.address())
 		if err != nil {
 			return res, err
 		}
@@ -178,18 +194,22 @@ func Run(ctx context.Context, o Options) (Result, error) {
 	res.Sent, res.Received = s1-s0, r1-r0
 	res.PPS = float64(res.Received) / res.Duration.Seconds()
 	res.Mbps = res.PPS * float64(o.Size) * 8 / 1e6
-	if a.reg != nil {
-		res.Detail = "node A:\n" + counters(a.reg) + "node B:\n" + counters(b.reg)
+	if da, db := a.counters(), b.counters(); da != "" || db != "" {
+		res.Detail = "node A:\n" + da + "node B:\n" + db
 	}
 	return res, nil
 }
 
 // counters returns the non-zero mesh, forwarding and drop samples of reg.
 func counters(reg *metrics.Registry) string {
-	var b strings.Builder
 	var all strings.Builder
 	reg.WriteText(&all)
-	for _, l := range strings.Split(all.String(), "\n") {
+	return filterCounters(all.String())
+}
+
+func filterCounters(text string) string {
+	var b strings.Builder
+	for _, l := range strings.Split(text, "\n") {
 		if strings.HasPrefix(l, "#") || strings.HasSuffix(l, " 0") {
 			continue
 		}
@@ -211,7 +231,27 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	}
 }
 
-type node struct {
+type nodeHandle interface {
+	address() string
+	counters() string
+}
+
+// twoPorts returns two free loopback addresses (bound and released).
+func twoPorts() (string, string, error) {
+	var out [2]string
+	for i := range out {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return "", "", err
+		}
+		out[i] = ln.Addr().String()
+		ln.Close()
+	}
+	return out[0], out[1], nil
+}
+
+// Node is one relay node with its mesh client.
+type Node struct {
 	kind Kind
 	priv derp.PrivateKey
 	addr string
@@ -224,33 +264,59 @@ type node struct {
 	stop context.CancelFunc
 }
 
-func newNode(kind Kind) (*node, error) {
+// StartNode serves a node of the given kind on addr (/derp, and for xderp
+// /metrics) and meshes it with peers (URLs).
+func StartNode(kind Kind, addr string, peers []string) (*Node, error) {
 	priv, err := derp.NewPrivateKey()
 	if err != nil {
 		return nil, err
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, err
 	}
-	n := &node{kind: kind, priv: priv, addr: ln.Addr().String()}
+	n := &Node{kind: kind, priv: priv, addr: ln.Addr().String()}
+	ctx, cancel := context.WithCancel(context.Background())
+	n.stop = cancel
 	mux := http.NewServeMux()
 	switch kind {
 	case Xderp:
 		n.reg = metrics.NewRegistry()
-		n.xs, err = derpserver.New(derpserver.Options{PrivateKey: priv, MeshKey: meshKey, Metrics: n.reg})
+		n.xs, err = derpserver.New(derpserver.Options{PrivateKey: priv, MeshKey: meshKey, Metrics: n.reg, QueueDepth: queueDepth()})
 		if err != nil {
 			ln.Close()
 			return nil, err
 		}
 		mux.Handle("/derp", n.xs)
-	case Derper:
-		n.ts = tsderpserver.New(key.NodePrivateFromRaw32(mem.B(priv[:])), logger.Discard)
-		if err := n.ts.SetMeshKey(meshKey); err != nil {
+		mux.HandleFunc("/metrics", func(w http.ResponseWriter, r *http.Request) { n.reg.WriteText(w) })
+		m, err := mesh.New(mesh.Options{Server: n.xs, PrivateKey: n.priv, MeshKey: meshKey, Peers: peers, Metrics: n.reg})
+		if err != nil {
 			ln.Close()
 			return nil, err
 		}
-		mux.Handle("/derp", tsderpserver.Handler(n.ts))
+		m.Start(ctx)
+		n.m = m
+	case Derper:
+		s := tsderpserver.New(key.NodePrivateFromRaw32(mem.B(priv[:])), logger.Discard)
+		if err := s.SetMeshKey(meshKey); err != nil {
+			ln.Close()
+			return nil, err
+		}
+		n.ts = s
+		mux.Handle("/derp", tsderpserver.Handler(s))
+		for _, url := range peers {
+			c, err := derphttp.NewClient(s.PrivateKey(), url, logger.Discard, netmon.NewStatic())
+			if err != nil {
+				ln.Close()
+				return nil, err
+			}
+			c.MeshKey = s.MeshKey()
+			c.WatchConnectionChanges = true
+			add := func(m tsderp.PeerPresentMessage) { s.AddPacketForwarder(m.Key, c) }
+			remove := func(m tsderp.PeerGoneMessage) { s.RemovePacketForwarder(m.Peer, c) }
+			go c.RunWatchConnectionLoop(ctx, s.PublicKey(), logger.Discard, add, remove, nil)
+			n.tsc = append(n.tsc, c)
+		}
 	default:
 		ln.Close()
 		return nil, fmt.Errorf("meshbench: unknown kind %q", kind)
@@ -260,38 +326,21 @@ func newNode(kind Kind) (*node, error) {
 	return n, nil
 }
 
-func (n *node) meshWith(peer *node) error {
-	url := "http://" + peer.addr + "/derp"
-	ctx, cancel := context.WithCancel(context.Background())
-	n.stop = cancel
-	switch n.kind {
-	case Xderp:
-		m, err := mesh.New(mesh.Options{Server: n.xs, PrivateKey: n.priv, MeshKey: meshKey, Peers: []string{url}, Metrics: n.reg})
-		if err != nil {
-			return err
-		}
-		m.Start(ctx)
-		n.m = m
-	case Derper:
-		s := n.ts
-		c, err := derphttp.NewClient(s.PrivateKey(), url, logger.Discard, netmon.NewStatic())
-		if err != nil {
-			return err
-		}
-		c.MeshKey = s.MeshKey()
-		c.WatchConnectionChanges = true
-		add := func(m tsderp.PeerPresentMessage) { s.AddPacketForwarder(m.Key, c) }
-		remove := func(m tsderp.PeerGoneMessage) { s.RemovePacketForwarder(m.Peer, c) }
-		go c.RunWatchConnectionLoop(ctx, s.PublicKey(), logger.Discard, add, remove, nil)
-		n.tsc = append(n.tsc, c)
+// Addr is the node's listening address.
+func (n *Node) Addr() string { return n.addr }
+
+func (n *Node) address() string { return n.addr }
+
+func (n *Node) counters() string {
+	if n.reg == nil {
+		return ""
 	}
-	return nil
+	return counters(n.reg)
 }
 
-func (n *node) close() {
-	if n.stop != nil {
-		n.stop()
-	}
+// Close stops the node.
+func (n *Node) Close() {
+	n.stop()
 	if n.m != nil {
 		n.m.Close()
 	}
@@ -439,4 +488,9 @@ func (c *client) count(recv *atomic.Uint64) {
 			recv.Add(1)
 		}
 	}
+}
+
+func queueDepth() int {
+	v, _ := strconv.Atoi(os.Getenv("MESHBENCH_QUEUE_DEPTH"))
+	return v
 }
