@@ -501,8 +501,26 @@ func TestMeshMixedRegion(t *testing.T) {
 	noMoreData(t, cd, 10*time.Millisecond)
 }
 
+// TestMeshNodeFailure kills node c while clients on a and b talk, checks
+// that a's and b's clients get PeerGone for c's client and that their
+// traffic never stops, then restarts c and checks the mesh heals. The
+// mixed cases put a derper node in the region, as the dying node and as a
+// survivor.
 func TestMeshNodeFailure(t *testing.T) {
-	a, b, c := newRegionNode(t, "a", nodeXderp), newRegionNode(t, "b", nodeXderp), newRegionNode(t, "c", nodeXderp)
+	for _, tc := range []struct {
+		name  string
+		kinds [3]nodeKind
+	}{
+		{"xderp", [3]nodeKind{nodeXderp, nodeXderp, nodeXderp}},
+		{"derper-dies", [3]nodeKind{nodeXderp, nodeXderp, nodeDerper}},
+		{"derper-survives", [3]nodeKind{nodeDerper, nodeXderp, nodeXderp}},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testNodeFailure(t, tc.kinds) })
+	}
+}
+
+func testNodeFailure(t *testing.T, kinds [3]nodeKind) {
+	a, b, c := newRegionNode(t, "a", kinds[0]), newRegionNode(t, "b", kinds[1]), newRegionNode(t, "c", kinds[2])
 	fullMesh(a, b, c)
 	ca := dialRegion(t, a, key.NewNode())
 	cb := dialRegion(t, b, key.NewNode())
