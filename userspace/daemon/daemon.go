@@ -25,6 +25,7 @@ import (
 	"github.com/xderp/xderp/userspace/config"
 	"github.com/xderp/xderp/userspace/derp"
 	"github.com/xderp/xderp/userspace/derpserver"
+	"github.com/xderp/xderp/userspace/mesh"
 	"github.com/xderp/xderp/userspace/metrics"
 	"github.com/xderp/xderp/userspace/stunserver"
 )
@@ -43,8 +44,14 @@ type Daemon struct {
 	stun    *stunserver.Server
 	tlsConf *tls.Config
 	certs   *certs.Provider
+	mesh    *mesh.Mesh
+
+	// ctx lives as long as the daemon; Shutdown cancels it.
+	ctx    context.Context
+	cancel context.CancelFunc
 
 	metricsAllow atomic.Pointer[[]netip.Prefix]
+	reloadMu     sync.Mutex // serialises XDP configuration updates
 
 	xdp      *loader.XDP
 	xdpIface string
@@ -76,6 +83,7 @@ func New(cfg *config.Config, opts Options) (*Daemon, error) {
 		return nil, err
 	}
 	d := &Daemon{cfg: cfg, log: opts.Logger, reg: metrics.NewRegistry(), tlsConf: opts.TLSConfig, errc: make(chan error, 4), started: time.Now()}
+	d.ctx, d.cancel = context.WithCancel(context.Background())
 	if d.log == nil {
 		d.log = slog.Default()
 	}
@@ -114,6 +122,19 @@ func New(cfg *config.Config, opts Options) (*Daemon, error) {
 		})
 		if err != nil {
 			return nil, fmt.Errorf("derp server: %w", err)
+		}
+		if len(cfg.MeshWith) > 0 {
+			d.mesh, err = mesh.New(mesh.Options{
+				Server:     d.derp,
+				PrivateKey: key,
+				MeshKey:    meshKey,
+				Peers:      cfg.MeshWith,
+				Logger:     d.log.With("component", "mesh"),
+				Metrics:    d.reg,
+			})
+			if err != nil {
+				return nil, fmt.Errorf("-mesh-with: %w", err)
+			}
 		}
 	}
 	if cfg.RunSTUN {
@@ -212,6 +233,12 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 			return fmt.Errorf("-stun-port: %w", err)
 		}
 	}
+	if d.mesh != nil {
+		d.mesh.Start(d.ctx)
+		if d.xdp != nil {
+			go d.refreshMeshExemptions()
+		}
+	}
 	d.log.Info("xderpd serving",
 		"version", Version,
 		"addr", d.ln.Addr().String(), "scheme", scheme,
@@ -259,6 +286,7 @@ func (d *Daemon) mux() *http.ServeMux {
 // the serving goroutines (bounded by ctx).
 func (d *Daemon) Shutdown(ctx context.Context) error {
 	notifySystemd("STOPPING=1")
+	d.cancel()
 	var errs []error
 	for _, s := range []*http.Server{d.srv, d.srv80} {
 		if s != nil {
@@ -269,6 +297,9 @@ func (d *Daemon) Shutdown(ctx context.Context) error {
 	}
 	if d.certs != nil {
 		d.certs.Close()
+	}
+	if d.mesh != nil {
+		d.mesh.Close()
 	}
 	if d.derp != nil {
 		if err := d.derp.Close(); err != nil {
@@ -331,12 +362,47 @@ func notifySystemd(state string) {
 
 // meshPeerAddrs returns the addresses of the region's mesh peers, which are
 // exempt from XDP shaping.
-func (d *Daemon) meshPeerAddrs() []netip.Addr { return nil }
+func (d *Daemon) meshPeerAddrs() []netip.Addr {
+	if d.mesh == nil {
+		return nil
+	}
+	return d.mesh.PeerAddrs()
+}
+
+// refreshMeshExemptions keeps the XDP exemption table in step with mesh peers
+// whose DNS names resolve to new addresses.
+func (d *Daemon) refreshMeshExemptions() {
+	t := time.NewTicker(30 * time.Second)
+	defer t.Stop()
+	last := fmt.Sprint(d.meshPeerAddrs())
+	for {
+		select {
+		case <-d.ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := fmt.Sprint(d.meshPeerAddrs())
+		if now == last {
+			continue
+		}
+		d.reloadMu.Lock()
+		err := d.xdp.Update(d.loaderConfig())
+		d.reloadMu.Unlock()
+		if err != nil {
+			d.log.Error("mesh peers changed but the XDP exemptions could not be updated", "err", err)
+			continue
+		}
+		last = now
+		d.log.Info("XDP exemptions follow the mesh peers", "peers", now)
+	}
+}
 
 // Reload applies what can change without a restart (SIGHUP): the shaping
 // limits, exemptions and drop-STUN switch of the XDP program, and who may
 // read /metrics. Everything else in next takes effect at the next start.
 func (d *Daemon) Reload(next *config.Config) {
+	d.reloadMu.Lock()
+	defer d.reloadMu.Unlock()
 	d.cfg.Shaping = next.Shaping
 	d.cfg.XDPDropSTUN = next.XDPDropSTUN
 	d.metricsAllow.Store(&next.MetricsAllow)
