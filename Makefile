@@ -11,10 +11,10 @@ FUZZTIME    ?= 5s
 RUN_FLAGS   ?= -dev
 # Debian packages the tests need (installed by `make deps` when missing).
 APT_PKGS    := clang llvm libbpf-dev bpftool iproute2 ethtool util-linux libcap2-bin \
-               qemu-system-x86 busybox-static kmod cpio zstd
+               qemu-system-x86 busybox-static kmod cpio xz-utils zstd
 export GOTOOLCHAIN := local
 
-.PHONY: all build run test unit fuzz interop vmtest bench lint generate check-generated deps clean
+.PHONY: all build run test unit fuzz interop vmtest vmtest-selftest bench lint generate check-generated deps clean
 
 all: build
 
@@ -27,7 +27,7 @@ run: build
 # The whole suite: formatting and vet, unit and kernel tests of the main
 # module, a short run of every fuzz target, the interop module against real
 # Tailscale code, and the kernel matrix under QEMU.
-test: deps lint unit fuzz interop vmtest
+test: deps lint unit fuzz interop vmtest vmtest-selftest
 
 unit:
 	$(GO) test -count=1 ./...
@@ -46,8 +46,16 @@ fuzz:
 interop:
 	cd interop && $(GO) test -count=1 ./...
 
+# The kernel-facing tests on every kernel of vmtest/kernels.json (KERNEL=name
+# for one), the README's result table refreshed; then the runner's own QEMU
+# tests (a broken program and a hung guest must fail a run).
+KERNEL      ?= all
+VMTEST_PKGS ?= ./bpf/...,./loader/...,./vmtest/internal/selftest
 vmtest:
-	@if [ -d vmtest ] && ls vmtest/*.go >/dev/null 2>&1; then $(GO) run ./vmtest $(if $(KERNEL),-kernel $(KERNEL)); else echo "vmtest: runner not present yet"; fi
+	$(GO) run ./vmtest -kernel $(KERNEL) -pkgs $(VMTEST_PKGS) -readme README.md
+
+vmtest-selftest:
+	XDERP_VMTEST_BOOT=1 $(GO) test -count=1 ./vmtest/...
 
 bench:
 	cd interop && $(GO) run ./bench

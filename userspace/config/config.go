@@ -196,13 +196,13 @@ func NewFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 	fs.BoolVar(&c.XDPDropSTUN, "xdp-drop-stun", false, "drop every STUN packet in XDP (maintenance)")
 	fs.BoolVar(&c.XDPDetach, "xdp-detach", false, "detach and unpin the XDP program from -xdp-iface, then exit")
 	fs.Uint64Var(&c.Shaping.PacketsPerSec, "shape-pps", 0, "inbound TCP packets/s allowed per source to the DERP ports (0: unlimited)")
-	fs.Uint64Var(&c.Shaping.PacketBurst, "shape-pps-burst", 0, "burst for -shape-pps (default: one second's worth)")
+	fs.Uint64Var(&c.Shaping.PacketBurst, "shape-pps-burst", 0, "burst for -shape-pps (0: a tenth of a second's worth)")
 	fs.Uint64Var(&c.Shaping.BytesPerSec, "shape-bps", 0, "inbound TCP bytes/s allowed per source to the DERP ports (0: unlimited)")
-	fs.Uint64Var(&c.Shaping.ByteBurst, "shape-bps-burst", 0, "burst for -shape-bps in bytes (default: one second's worth)")
+	fs.Uint64Var(&c.Shaping.ByteBurst, "shape-bps-burst", 0, "burst for -shape-bps in bytes (0: a tenth of a second's worth)")
 	fs.Uint64Var(&c.Shaping.SYNPerSec, "shape-syn-pps", 0, "new TCP connections (SYN) per second allowed per source (0: unlimited)")
-	fs.Uint64Var(&c.Shaping.SYNBurst, "shape-syn-burst", 0, "burst for -shape-syn-pps (default: one second's worth)")
+	fs.Uint64Var(&c.Shaping.SYNBurst, "shape-syn-burst", 0, "burst for -shape-syn-pps (0: a tenth of a second's worth)")
 	fs.Uint64Var(&c.Shaping.STUNPerSec, "shape-stun-pps", 0, "STUN requests/s allowed per source (0, the default: STUN is never shaped)")
-	fs.Uint64Var(&c.Shaping.STUNBurst, "shape-stun-burst", 0, "burst for -shape-stun-pps")
+	fs.Uint64Var(&c.Shaping.STUNBurst, "shape-stun-burst", 0, "burst for -shape-stun-pps (0: a tenth of a second's worth)")
 	fs.Func("shape-exempt", "comma-separated CIDRs never shaped (monitoring, operators; mesh peers are exempt automatically)", func(s string) error {
 		p, err := parsePrefixes(s)
 		if err != nil {
@@ -219,6 +219,9 @@ func NewFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 
 // Parse parses args (without the program name) and validates the result.
 func Parse(args []string, out io.Writer) (*Config, error) {
+	if err := rejectDerperOnly(args); err != nil {
+		return nil, err
+	}
 	c := new(Config)
 	fs := NewFlagSet(c, out)
 	if path := configFileArg(args); path != "" {
@@ -273,6 +276,8 @@ func (c *Config) Validate() error {
 	}
 	switch c.CertMode {
 	case "letsencrypt", "manual":
+	case "gcp":
+		return fieldErr("certmode", "gcp is not supported: use -certmode=letsencrypt with -acme-directory, -acme-eab-kid and -acme-eab-key")
 	default:
 		return fieldErr("certmode", "%q is not a certificate mode (letsencrypt or manual)", c.CertMode)
 	}
@@ -344,8 +349,19 @@ func (c *Config) Validate() error {
 	if c.XDPPinRoot == "" {
 		return fieldErr("xdp-pin-dir", "must not be empty")
 	}
-	if c.Shaping.STUNBurst > 0 && c.Shaping.STUNPerSec == 0 {
-		return fieldErr("shape-stun-burst", "set without -shape-stun-pps")
+	sh := c.Shaping
+	for _, b := range []struct {
+		burst, rate       uint64
+		burstFlag, rateFl string
+	}{
+		{sh.PacketBurst, sh.PacketsPerSec, "shape-pps-burst", "shape-pps"},
+		{sh.ByteBurst, sh.BytesPerSec, "shape-bps-burst", "shape-bps"},
+		{sh.SYNBurst, sh.SYNPerSec, "shape-syn-burst", "shape-syn-pps"},
+		{sh.STUNBurst, sh.STUNPerSec, "shape-stun-burst", "shape-stun-pps"},
+	} {
+		if b.burst > 0 && b.rate == 0 {
+			return fieldErr(b.burstFlag, "set without -%s", b.rateFl)
+		}
 	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":
@@ -397,6 +413,39 @@ func ReadMeshKey(path string) (string, error) {
 		}
 	}
 	return strings.ToLower(k), nil
+}
+
+// derperOnly lists derper flags xderp does not implement, with the reason,
+// so a derper command line that relies on one fails with a clear message.
+var derperOnly = map[string]string{
+	"verify-clients":                  "client verification through a local tailscaled is not supported",
+	"verify-client-url":               "the admission webhook is not supported yet",
+	"verify-client-url-fail-open":     "the admission webhook is not supported yet",
+	"socket":                          "there is no tailscaled integration",
+	"secrets-url":                     "use -mesh-psk-file for the mesh key",
+	"secrets-path-prefix":             "use -mesh-psk-file for the mesh key",
+	"secrets-cache-dir":               "use -mesh-psk-file for the mesh key",
+	"bootstrap-dns-names":             "/bootstrap-dns is not served",
+	"unpublished-bootstrap-dns-names": "/bootstrap-dns is not served",
+	"rate-config":                     "per-client limits are enforced in XDP: see the -shape-* flags",
+	"ace":                             "the CONNECT proxy is not supported",
+	"acme-ip-certs":                   "use -certmode=manual with an IP -hostname for a pinned self-signed certificate",
+}
+
+func rejectDerperOnly(args []string) error {
+	for _, a := range args {
+		if a == "--" {
+			break
+		}
+		if !strings.HasPrefix(a, "-") {
+			continue
+		}
+		name, _, _ := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if why, ok := derperOnly[name]; ok {
+			return fieldErr(name, "derper's flag is not supported by xderp: %s", why)
+		}
+	}
+	return nil
 }
 
 // configFileArg finds -config in args without parsing the rest.

@@ -168,3 +168,14 @@ func TestConfigFile(t *testing.T) {
 	_, err = Parse([]string{"-config", filepath.Join(dir, "missing")}, io.Discard)
 	assertField(t, err, "config")
 }
+
+func TestDerperOnlyFlagsAreNamed(t *testing.T) {
+	for _, name := range []string{"verify-clients", "rate-config", "acme-ip-certs"} {
+		_, err := Parse([]string{"-a", ":1", "-" + name}, io.Discard)
+		assertField(t, err, name)
+	}
+	// A value that merely looks like a flag name is not rejected.
+	if _, err := Parse([]string{"-a", ":1", "-home", "blank"}, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+}

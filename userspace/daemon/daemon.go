@@ -47,12 +47,13 @@ type Daemon struct {
 	xdp      *loader.XDP
 	xdpIface string
 
-	ln      net.Listener
-	srv     *http.Server
-	ln80    net.Listener
-	srv80   *http.Server
-	serveWG sync.WaitGroup
-	errc    chan error
+	ln                 net.Listener
+	accepted, rejected *metrics.Counter
+	srv                *http.Server
+	ln80               net.Listener
+	srv80              *http.Server
+	serveWG            sync.WaitGroup
+	errc               chan error
 
 	started time.Time
 }
@@ -83,6 +84,8 @@ func New(cfg *config.Config, opts Options) (*Daemon, error) {
 	d.key = key
 	d.metricsAllow.Store(&cfg.MetricsAllow)
 	d.registerProcessMetrics()
+	d.accepted = d.reg.Counter("tls_listener_accepted_connections", "Connections accepted by the main listener (within -accept-connection-limit).")
+	d.rejected = d.reg.Counter("tls_listener_rejected_connections", "Connections closed at once for exceeding -accept-connection-limit.")
 	d.registerXDPMetrics()
 	if cfg.RunDERP {
 		var meshKey string
@@ -157,9 +160,7 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 	if err != nil {
 		return fmt.Errorf("-a: listen %s: %w", cfg.Addr, err)
 	}
-	accepted := d.reg.Counter("tls_listener_accepted_connections", "Connections accepted by the main listener (within -accept-connection-limit).")
-	rejected := d.reg.Counter("tls_listener_rejected_connections", "Connections closed at once for exceeding -accept-connection-limit.")
-	d.ln = newLimitedListener(ln, cfg.AcceptLimit, cfg.AcceptBurst, accepted, rejected)
+	d.ln = newLimitedListener(ln, cfg.AcceptLimit, cfg.AcceptBurst, d.accepted, d.rejected)
 	scheme := "http"
 	if d.tlsConf != nil {
 		d.ln = tls.NewListener(d.ln, d.tlsConf)

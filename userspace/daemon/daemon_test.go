@@ -86,15 +86,32 @@ func TestServesEndpointsAndSTUN(t *testing.T) {
 	if string(buf[:n]) != string(want) {
 		t.Errorf("STUN answer % x, want % x", buf[:n], want)
 	}
-	resp, err := http.Get(base + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	for _, m := range []string{`stun_requests{disposition="success"} 1`, "derp_current_connections 0", `xderp_xdp_attached{iface="",mode="off"} 0`} {
-		if !strings.Contains(string(body), m) {
-			t.Errorf("metrics lack %q", m)
+	// Counters are bumped when the send call returns, which may be just
+	// after the client has its answer: poll the page with a deadline.
+	waitMetrics(t, base, `stun_requests{disposition="success"} 1`, "derp_current_connections 0", `xderp_xdp_attached{iface="",mode="off"} 0`)
+}
+
+func waitMetrics(t *testing.T, base string, want ...string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		resp, err := http.Get(base + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		missing := ""
+		for _, m := range want {
+			if !strings.Contains(string(body), m) {
+				missing = m
+			}
+		}
+		if missing == "" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("metrics lack %q:\n%s", missing, body)
 		}
 	}
 }

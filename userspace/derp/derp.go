@@ -239,6 +239,7 @@ func SkipPayload(r io.Reader, n, limit uint32) error {
 type FrameReader struct {
 	r   io.Reader
 	max uint32
+	hdr [FrameHeaderLen]byte
 	buf []byte
 }
 
@@ -254,10 +255,10 @@ func NewFrameReader(r io.Reader, max uint32) *FrameReader {
 // ReadHeader reads a frame header. A length above the maximum yields an
 // error wrapping ErrFrameTooLarge; the stream is then unusable.
 func (fr *FrameReader) ReadHeader() (FrameType, uint32, error) {
-	t, n, err := ReadFrameHeader(fr.r)
-	if err != nil {
+	if _, err := io.ReadFull(fr.r, fr.hdr[:]); err != nil {
 		return 0, 0, err
 	}
+	t, n := ParseFrameHeader(fr.hdr[:])
 	if n > fr.max {
 		return t, n, fmt.Errorf("%w: %v frame of %d bytes, limit %d", ErrFrameTooLarge, t, n, fr.max)
 	}

@@ -3,10 +3,10 @@ package derpserver
 import (
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -109,12 +109,15 @@ type sclient struct {
 	writerRunning bool
 	writerWaiting bool
 	wake          chan struct{}
+	spaceCh       chan struct{} // closed when the writer takes the queue
+	stalled       bool          // writer made no progress within QueueFullWait
 
 	// Reader-owned.
 	preferred bool
 	lastDst   derp.PublicKey
 	lastEntry *keyEntry
 	stats     localStats
+	waitTimer *time.Timer
 	notHere   struct {
 		tokens float64
 		last   time.Time
@@ -141,14 +144,15 @@ func (c *sclient) readFrames(cr *connReader) error {
 	s := c.s
 	for {
 		if cr.buffered() < derp.FrameHeaderLen {
-			// About to (probably) block: publish our counts.
+			// About to read again: publish our counts, and let writers
+			// run. Under overload a reader always finds data and would
+			// otherwise keep its P for a whole time slice, starving the
+			// writers that deliver what it queued (delivery collapses).
 			c.stats.flush(&s.m)
+			runtime.Gosched()
 		}
 		h, err := cr.next(derp.FrameHeaderLen)
 		if err != nil {
-			if errors.Is(err, io.ErrUnexpectedEOF) && cr.buffered() == 0 && cr.r == 0 && cr.w == 0 {
-				return io.EOF
-			}
 			return err
 		}
 		t, n := derp.ParseFrameHeader(h)
@@ -270,7 +274,7 @@ func (c *sclient) route(dst derp.PublicKey, p *packet, forwarded bool) {
 	}
 	if e != nil {
 		if d := e.active.Load(); d != nil {
-			d.enqueuePacket(p, &c.stats)
+			d.enqueuePacket(p, c)
 			return
 		}
 		if !forwarded {
@@ -387,6 +391,7 @@ func (c *sclient) teardown(err error) {
 
 	c.mu.Lock()
 	c.closed = true
+	c.noteTakenLocked()
 	if c.keepAlive != nil {
 		c.keepAlive.Stop()
 	}
@@ -414,31 +419,85 @@ func (c *sclient) takePacketsLocked(dst []*packet) []*packet {
 	return c.data.takeAll(dst)
 }
 
-// enqueuePacket queues p for this connection without ever blocking: a full
-// queue loses its oldest packet. ls receives the drop counts (the sender's
-// local stats).
-func (c *sclient) enqueuePacket(p *packet, ls *localStats) {
+// enqueuePacket queues p for this connection. If the queue is full and
+// this connection's writer has been making progress, the sender waits up
+// to QueueFullWait for the writer to take the queue: under CPU overload
+// that turns into TCP back-pressure on the senders instead of reading
+// packets only to drop them (which collapses delivery). If the writer makes
+// no progress within that time (a slow or dead receiver), the queue is
+// marked stalled and later packets replace the oldest queued one at once
+// (queue_head drop) until the writer takes the queue again: a slow
+// receiver can delay a sender by at most QueueFullWait per write the
+// receiver completes, and never blocks it.
+func (c *sclient) enqueuePacket(p *packet, from *sclient) {
 	p.enq = monoNow()
-	c.mu.Lock()
-	if c.closed {
-		c.mu.Unlock()
-		ls.drop(dropGoneDisconnected, p.disco, len(p.data))
-		putPacket(p)
-		return
-	}
-	var old *packet
+	depth := c.s.opts.QueueDepth
+	ring := &c.data
 	if p.disco {
-		old = c.disco.push(p, c.s.opts.DiscoQueueDepth)
-	} else {
-		old = c.data.push(p, c.s.opts.QueueDepth)
+		depth = c.s.opts.DiscoQueueDepth
+		ring = &c.disco
 	}
+	c.mu.Lock()
+	for waited := false; ; waited = true {
+		if c.closed {
+			c.mu.Unlock()
+			from.stats.drop(dropGoneDisconnected, p.disco, len(p.data))
+			putPacket(p)
+			return
+		}
+		if ring.n < depth || waited || c.stalled || c.s.opts.QueueFullWait < 0 || from == c {
+			break
+		}
+		if c.spaceCh == nil {
+			c.spaceCh = make(chan struct{})
+		}
+		ch := c.spaceCh
+		start, wake := c.kickLocked()
+		c.mu.Unlock()
+		c.startOrWake(start, wake)
+		ok := from.waitSpace(ch)
+		c.mu.Lock()
+		if !ok && ch == c.spaceCh {
+			c.stalled = true
+		}
+	}
+	old := ring.push(p, depth)
 	start, wake := c.kickLocked()
 	c.mu.Unlock()
 	if old != nil {
-		ls.drop(dropQueueHead, old.disco, len(old.data))
+		from.stats.drop(dropQueueHead, old.disco, len(old.data))
 		putPacket(old)
 	}
 	c.startOrWake(start, wake)
+}
+
+// waitSpace waits (as a sender) until ch is closed or QueueFullWait passes.
+func (c *sclient) waitSpace(ch chan struct{}) bool {
+	d := c.s.opts.QueueFullWait
+	if c.waitTimer == nil {
+		c.waitTimer = time.NewTimer(d)
+	} else {
+		c.waitTimer.Reset(d)
+	}
+	select {
+	case <-ch:
+		c.waitTimer.Stop()
+		c.s.m.queueWaits.Inc()
+		return true
+	case <-c.waitTimer.C:
+		c.s.m.queueWaitTimeouts.Inc()
+		return false
+	}
+}
+
+// noteTakenLocked tells senders waiting for queue space that the writer
+// took the queue.
+func (c *sclient) noteTakenLocked() {
+	c.stalled = false
+	if c.spaceCh != nil {
+		close(c.spaceCh)
+		c.spaceCh = nil
+	}
 }
 
 // enqueueCtrl queues a control frame. It may be called with Server.mu held.
@@ -537,6 +596,8 @@ func (b *writeBatch) empty() bool {
 func (c *sclient) writeLoop() {
 	s := c.s
 	defer s.wg.Done()
+	s.m.writersActive.Add(1)
+	defer s.m.writersActive.Add(-1)
 	wake := c.wake
 
 	var (
@@ -565,6 +626,7 @@ func (c *sclient) writeLoop() {
 		c.mu.Lock()
 		if c.closed || failed != nil {
 			rest := c.takePacketsLocked(batch.pkts[:0])
+			c.noteTakenLocked()
 			c.ctrl = nil
 			c.writerRunning = false
 			c.writerWaiting = false
@@ -579,6 +641,9 @@ func (c *sclient) writeLoop() {
 		// append to the other.
 		batch.ctrl, c.ctrl, spare = c.ctrl, spare[:0], nil
 		batch.pkts = c.takePacketsLocked(batch.pkts[:0])
+		if len(batch.pkts) > 0 {
+			c.noteTakenLocked()
+		}
 		batch.pong, batch.pongData = c.pongPending, c.pong
 		c.pongPending = false
 		batch.keepAlive = c.keepAliveDue
@@ -716,8 +781,6 @@ func (c *sclient) writeBatch(bufp *[]byte, b *writeBatch) (pkts, bytes uint64, e
 			break
 		}
 		switch cm.typ {
-		case derp.FrameServerInfo:
-			buf = append(buf, cm.text...) // pre-encoded frame
 		case derp.FramePeerGone:
 			buf = derp.AppendPeerGone(buf, cm.key, cm.reason)
 			if cm.reason == derp.PeerGoneNotHere {

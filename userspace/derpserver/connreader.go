@@ -86,7 +86,8 @@ func (cr *connReader) readMore() error {
 }
 
 // next returns the next n bytes (n <= readChunkSize), valid until the next
-// call on cr.
+// call on cr. It returns io.EOF only if the stream ended with nothing
+// buffered, io.ErrUnexpectedEOF if it ended part way.
 func (cr *connReader) next(n int) ([]byte, error) {
 	for cr.w-cr.r < n {
 		if cr.buf != nil && len(cr.buf)-cr.r < n {
@@ -94,6 +95,9 @@ func (cr *connReader) next(n int) ([]byte, error) {
 			cr.r = 0
 		}
 		if err := cr.readMore(); err != nil {
+			if cr.r == cr.w && errors.Is(err, io.EOF) {
+				return nil, io.EOF // clean end between frames
+			}
 			return nil, cr.midFrame(err)
 		}
 	}

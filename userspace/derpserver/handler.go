@@ -20,24 +20,27 @@ import (
 // "Derp-Fast-Start: 1"), sends its ServerKey frame and runs the handshake;
 // then a reader goroutine takes over the connection and ServeHTTP returns,
 // releasing net/http's buffers. Bytes the client sent after its request
-// headers are kept as the start of the DERP stream. Without an upgrade
-// header the answer is 426.
+// headers are kept as the start of the DERP stream. "Upgrade: websocket"
+// offering the "derp" subprotocol gets an RFC 6455 upgrade with the DERP
+// stream in binary messages; without that subprotocol it is treated as a
+// raw DERP upgrade (as derper does). Without an upgrade header the answer
+// is 426; after Close, 503.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	up := strings.ToLower(r.Header.Get("Upgrade"))
 	if up != "derp" && up != "websocket" {
 		http.Error(w, "DERP requires connection upgrade", http.StatusUpgradeRequired)
 		return
 	}
-	if up == "websocket" && offersDERPSubprotocol(r) {
-		http.Error(w, "DERP over WebSocket is not supported by this server; use Upgrade: DERP", http.StatusNotImplemented)
-		return
-	}
-	// Upgrade: websocket without the derp subprotocol is treated as a
-	// raw DERP upgrade, as the reference server does for old clients.
 	if s.closed.Load() {
 		http.Error(w, "DERP server is shutting down", http.StatusServiceUnavailable)
 		return
 	}
+	if up == "websocket" && offersDERPSubprotocol(r) {
+		s.serveWebSocket(w, r)
+		return
+	}
+	// Upgrade: websocket without the derp subprotocol is treated as a
+	// raw DERP upgrade, as the reference server does for old clients.
 	hj, ok := w.(http.Hijacker)
 	if !ok {
 		http.Error(w, "connection cannot be upgraded", http.StatusInternalServerError)
@@ -87,7 +90,7 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, br *bufio.Reader, f
 		nc.Close()
 		return
 	}
-	c, initial, err := s.handshake(ctx, nc, br, fastStart, notIdeal, remoteAddr)
+	c, initial, serverInfo, err := s.handshake(ctx, nc, br, fastStart, notIdeal, remoteAddr)
 	s.trackHandshake(nc, false)
 	if err != nil {
 		reason := hsRead
@@ -118,17 +121,35 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, br *bufio.Reader, f
 	s.clients[c] = struct{}{}
 	s.wg.Add(1)
 	s.connsMu.Unlock()
-	s.register(c)
+	// Register before sending ServerInfo, so the client is reachable by the
+	// time it learns it is connected. Until ServerInfo is written, the
+	// connection counts as having a running writer: whatever others queue
+	// waits, so nothing overtakes ServerInfo, and no writer goroutine is
+	// started unless something was queued meanwhile.
+	s.register(c) // c.writerRunning was set when c was made
+	nc.SetWriteDeadline(time.Now().Add(s.opts.HandshakeTimeout))
+	_, werr := nc.Write(serverInfo)
+	nc.SetWriteDeadline(time.Time{})
 	c.mu.Lock()
+	c.writerRunning = false
+	start := false
+	if werr == nil && (c.data.n > 0 || c.disco.n > 0 || len(c.ctrl) > 0 || c.closeAfter) {
+		start, _ = c.kickLocked()
+	}
 	c.keepAlive = time.AfterFunc(s.keepAliveInterval(), c.onKeepAlive)
-	start, _ := c.kickLocked()
 	c.mu.Unlock()
+	if werr != nil {
+		// The reader finds the connection closed and unregisters it.
+		s.m.handshakeErrors[hsWrite].Inc()
+		s.log.Debug("derp: handshake failed", "remote", remoteAddr, "err", werr)
+		nc.Close()
+	}
 	c.startOrWake(start, false)
 	s.log.Debug("derp: client connected", "remote", remoteAddr, "key", c.key.ShortString(), "mesh", c.canMesh)
 	go c.readLoop(newConnReader(nc, initial))
 }
 
-func (s *Server) handshake(ctx context.Context, nc net.Conn, br *bufio.Reader, fastStart, notIdeal bool, remoteAddr string) (*sclient, []byte, error) {
+func (s *Server) handshake(ctx context.Context, nc net.Conn, br *bufio.Reader, fastStart, notIdeal bool, remoteAddr string) (c *sclient, initial, serverInfo []byte, err error) {
 	timeout := s.opts.HandshakeTimeout
 	nc.SetWriteDeadline(time.Now().Add(timeout))
 	hello := s.upgradeResp
@@ -136,26 +157,26 @@ func (s *Server) handshake(ctx context.Context, nc net.Conn, br *bufio.Reader, f
 		hello = s.serverKey
 	}
 	if _, err := nc.Write(hello); err != nil {
-		return nil, nil, hsErr(hsWrite, "write server key: %w", err)
+		return nil, nil, nil, hsErr(hsWrite, "write server key: %w", err)
 	}
 	nc.SetReadDeadline(time.Now().Add(timeout))
 	t, n, err := derp.ReadFrameHeader(br)
 	if err != nil {
-		return nil, nil, hsErr(hsRead, "read client info: %w", err)
+		return nil, nil, nil, hsErr(hsRead, "read client info: %w", err)
 	}
 	if t != derp.FrameClientInfo {
-		return nil, nil, hsErr(hsFirstFrame, "first frame is %v, want ClientInfo", t)
+		return nil, nil, nil, hsErr(hsFirstFrame, "first frame is %v, want ClientInfo", t)
 	}
 	if n < derp.MinClientInfoLen || n > derp.MaxClientInfoLen {
-		return nil, nil, hsErr(hsFirstFrame, "ClientInfo of %d bytes", n)
+		return nil, nil, nil, hsErr(hsFirstFrame, "ClientInfo of %d bytes", n)
 	}
 	payload := make([]byte, n)
 	if _, err := io.ReadFull(br, payload); err != nil {
-		return nil, nil, hsErr(hsRead, "read client info: %w", err)
+		return nil, nil, nil, hsErr(hsRead, "read client info: %w", err)
 	}
 	key, info, err := derp.OpenClientInfo(s.priv, payload)
 	if err != nil {
-		return nil, nil, hsErr(hsClientInfo, "%w", err)
+		return nil, nil, nil, hsErr(hsClientInfo, "%w", err)
 	}
 	remote := parseAddrPort(nc, remoteAddr)
 	mesh := s.isMeshPeer(info)
@@ -164,21 +185,20 @@ func (s *Server) handshake(ctx context.Context, nc net.Conn, br *bufio.Reader, f
 		err := s.opts.Admit(actx, key, info, remote)
 		cancel()
 		if err != nil {
-			return nil, nil, hsErr(hsAdmission, "client %s: %w", key.ShortString(), err)
+			return nil, nil, nil, hsErr(hsAdmission, "client %s: %w", key.ShortString(), err)
 		}
 	}
 	frame, err := derp.AppendServerInfo(nil, s.priv, key, &derp.ServerInfo{Version: derp.ProtocolVersion})
 	if err != nil {
-		return nil, nil, hsErr(hsWrite, "%w", err)
+		return nil, nil, nil, hsErr(hsWrite, "%w", err)
 	}
 	nc.SetDeadline(time.Time{})
 
-	var initial []byte
 	if k := br.Buffered(); k > 0 {
 		b, _ := br.Peek(k)
 		initial = b // copied by newConnReader before br is dropped
 	}
-	c := &sclient{
+	c = &sclient{
 		s:         s,
 		conn:      nc,
 		key:       key,
@@ -188,6 +208,8 @@ func (s *Server) handshake(ctx context.Context, nc net.Conn, br *bufio.Reader, f
 		connNum:   s.connNum.Add(1),
 		connected: time.Now(),
 		wake:      make(chan struct{}, 1),
+		// Until serveConn has written ServerInfo (see there).
+		writerRunning: true,
 	}
 	c.flags = presentFlags(mesh, info.IsProber, notIdeal)
 	c.writeTimeout = s.opts.WriteTimeout
@@ -195,11 +217,7 @@ func (s *Server) handshake(ctx context.Context, nc net.Conn, br *bufio.Reader, f
 		c.writeTimeout = s.opts.MeshWriteTimeout
 	}
 	c.notHere.tokens = notHereBurst
-	// ServerInfo goes out through the writer as the connection's first
-	// queued frame, so the client is registered (reachable) before it
-	// learns it is connected, and nothing can overtake ServerInfo.
-	c.ctrl = append(c.ctrl, ctrlMsg{typ: derp.FrameServerInfo, text: string(frame)})
-	return c, initial, nil
+	return c, initial, frame, nil
 }
 
 func presentFlags(mesh, prober, notIdeal bool) derp.PeerPresentFlags {

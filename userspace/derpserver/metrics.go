@@ -97,6 +97,10 @@ type serverMetrics struct {
 	writeFlushes          *metrics.Counter
 	writeFrames           *metrics.Counter
 	writerStarts          *metrics.Counter
+	writersActive         *metrics.Gauge
+	websocketAccepts      *metrics.Counter
+	queueWaits            *metrics.Counter
+	queueWaitTimeouts     *metrics.Counter
 	readSyscalls          *metrics.Counter
 	handshakesInProgress  *metrics.Gauge
 	restartingFrames      *metrics.Counter
@@ -136,6 +140,7 @@ func (s *Server) registerMetrics(r *metrics.Registry) {
 	m.dupConns = r.Gauge("derp_current_dup_client_conns", "Connections belonging to keys with two or more connections")
 	m.dupConnsTotal = r.Counter("derp_total_dup_client_conns", "Connections registered while their key already had one")
 	m.accepts = r.Counter("derp_accepts", "Connections upgraded to DERP (handshake started)")
+	m.websocketAccepts = r.Counter("derp_websocket_accepts", "Connections upgraded with WebSocket (subprotocol derp)")
 	m.bytesRecv = r.Counter("derp_bytes_received", "Packet bytes received in SendPacket frames")
 	m.packetsRecv = r.Counter("derp_packets_received", "Packets received in SendPacket frames")
 	kinds := r.CounterVec("derp_packets_received_kind", "Packets received in SendPacket frames by kind (disco or other)", "kind")
@@ -184,6 +189,9 @@ func (s *Server) registerMetrics(r *metrics.Registry) {
 	m.writeFlushes = r.Counter("xderp_write_flushes_total", "Batched writes (one per flush) to client connections")
 	m.writeFrames = r.Counter("xderp_write_frames_total", "Frames written to client connections; divided by flushes gives the batch size")
 	m.writerStarts = r.Counter("xderp_writer_starts_total", "Writer goroutines started (writers exit after an idle period)")
+	m.writersActive = r.Gauge("xderp_writers_active", "Writer goroutines currently running (idle connections have none)")
+	m.queueWaits = r.Counter("xderp_queue_full_waits_total", "Times a sender waited for a full destination queue and the writer took it in time (back-pressure)")
+	m.queueWaitTimeouts = r.Counter("xderp_queue_full_wait_timeouts_total", "Times a sender's wait for a full destination queue timed out (queue marked stalled)")
 	m.readSyscalls = r.Counter("xderp_read_calls_total", "Reads from client connections after the handshake")
 	m.restartingFrames = r.Counter("xderp_restarting_frames_total", "Restarting frames written (server shutdown)")
 	m.healthFrames = r.Counter("xderp_health_frames_total", "Health frames written")

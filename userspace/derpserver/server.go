@@ -34,6 +34,7 @@ const (
 	DefaultKeepAlive        = derp.KeepAliveInterval
 	DefaultHandshakeTimeout = 10 * time.Second
 	DefaultQueueDepth       = 32
+	DefaultQueueFullWait    = 5 * time.Millisecond
 	DefaultCloseGrace       = time.Second
 	DefaultMaxSkipFrame     = derp.MaxFrameSize
 	DefaultRestartTryFor    = 5 * time.Second
@@ -82,6 +83,10 @@ type Options struct {
 	// MaxSkipFrame is the largest unknown frame skipped; longer ones close
 	// the connection. Default 1 MiB.
 	MaxSkipFrame int
+	// QueueFullWait is how long a sender may wait for a full destination
+	// queue whose writer is making progress (see enqueuePacket); default
+	// 5ms; negative means never wait (always drop the oldest packet).
+	QueueFullWait time.Duration
 	// Admit, if set, is called after the client's box has been opened.
 	Admit AdmitFunc
 	// CloseGrace is how long Close waits for clients to receive the
@@ -192,6 +197,9 @@ func New(opts Options) (*Server, error) {
 	if o.DiscoQueueDepth <= 0 {
 		o.DiscoQueueDepth = DefaultQueueDepth
 	}
+	if o.QueueFullWait == 0 {
+		o.QueueFullWait = DefaultQueueFullWait
+	}
 	if o.MaxSkipFrame <= 0 {
 		o.MaxSkipFrame = DefaultMaxSkipFrame
 	}
@@ -238,14 +246,18 @@ func (s *Server) Close() error {
 	s.closeOnce.Do(func() {
 		s.closed.Store(true)
 		s.connsMu.Lock()
+		var hs []net.Conn
 		for nc := range s.handshaking {
-			nc.Close()
+			hs = append(hs, nc)
 		}
 		clients := make([]*sclient, 0, len(s.clients))
 		for c := range s.clients {
 			clients = append(clients, c)
 		}
 		s.connsMu.Unlock()
+		for _, nc := range hs {
+			nc.Close()
+		}
 		for _, c := range clients {
 			c.closeReason.CompareAndSwap(nil, &crServerCloseStr)
 			c.enqueueRestarting(s.opts.RestartReconnectIn, s.opts.RestartTryFor)
@@ -259,14 +271,19 @@ func (s *Server) Close() error {
 			return
 		case <-t.C:
 		}
+		// Close outside the lock: a TLS close may block on its alert.
 		s.connsMu.Lock()
+		var conns []net.Conn
 		for nc := range s.handshaking {
-			nc.Close()
+			conns = append(conns, nc)
 		}
 		for c := range s.clients {
-			c.conn.Close()
+			conns = append(conns, c.conn)
 		}
 		s.connsMu.Unlock()
+		for _, nc := range conns {
+			nc.Close()
+		}
 		<-done
 	})
 	return nil

@@ -38,7 +38,7 @@ func TestNewValidates(t *testing.T) {
 	}
 }
 
-func TestUpgradeResponses(t *testing.T) {
+func TestUpgradeRequired(t *testing.T) {
 	ts := newTestServer(t, Options{})
 	resp, err := http.Get("http://" + ts.addr + "/derp")
 	if err != nil {
@@ -48,17 +48,12 @@ func TestUpgradeResponses(t *testing.T) {
 	if resp.StatusCode != http.StatusUpgradeRequired {
 		t.Fatalf("no upgrade: status %d, want 426", resp.StatusCode)
 	}
-	req, _ := http.NewRequest("GET", "http://"+ts.addr+"/derp", nil)
-	req.Header.Set("Upgrade", "websocket")
-	req.Header.Set("Connection", "Upgrade")
-	req.Header.Set("Sec-WebSocket-Protocol", "derp")
-	resp, err = http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusNotImplemented {
-		t.Fatalf("websocket: status %d", resp.StatusCode)
+	// Upgrade: websocket without the derp subprotocol is a raw DERP upgrade.
+	conn := dialRaw(t, ts.addr)
+	io.WriteString(conn, "GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+	resp, err = http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil || resp.StatusCode != 101 || resp.Header.Get("Upgrade") != "DERP" {
+		t.Fatalf("legacy websocket upgrade: %v %v", resp, err)
 	}
 }
 
