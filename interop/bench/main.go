@@ -123,7 +123,7 @@ func main() {
 			if pps > r.closedPPS {
 				r.closedPPS, r.closedMbps = pps, pps*float64(*flagSize)*8/1e6
 			}
-			r.closedCPU = max(r.closedCPU, perCPU(0, pps))
+			r.closedCPU = max(r.closedCPU, perCPU(pps))
 			log.Printf("%s closed-loop: %.0f pkt/s, %.0f Mbit/s", k, pps, pps*float64(*flagSize)*8/1e6)
 			return err
 		}},
@@ -132,7 +132,7 @@ func main() {
 			if pps > r.overPPS {
 				r.overPPS, r.overOffered = pps, offered
 			}
-			r.overCPU = max(r.overCPU, perCPU(0, pps))
+			r.overCPU = max(r.overCPU, perCPU(pps))
 			log.Printf("%s overload: %.0f pkt/s delivered of %.0f pkt/s sent", k, pps, offered)
 			return err
 		}},
@@ -147,7 +147,7 @@ func main() {
 		{"stun", func(k target.Kind, s *target.Server, r *result) error {
 			rps, err := stunRate(s)
 			r.stunRPS = max(r.stunRPS, rps)
-			r.stunCPU = max(r.stunCPU, perCPU(0, rps))
+			r.stunCPU = max(r.stunCPU, perCPU(rps))
 			log.Printf("%s stun: %.0f responses/s", k, rps)
 			return err
 		}},
@@ -420,7 +420,6 @@ func latency(s *target.Server) (p50, p99 time.Duration, err error) {
 	a, b := senders[0], receivers[0]
 	defer a.c.Close()
 	defer b.c.Close()
-	var stop atomic.Bool
 	echoErr := make(chan error, 1)
 	go func() { // b echoes everything from a back to a
 		for {
@@ -451,6 +450,24 @@ func latency(s *target.Server) (p50, p99 time.Duration, err error) {
 		}
 	}()
 	pkt := make([]byte, *flagSize)
+	// Both registered: resend until one packet has made the round trip.
+	syncDeadline := time.Now().Add(10 * time.Second)
+	for synced := false; !synced; {
+		if time.Now().After(syncDeadline) {
+			return 0, 0, errors.New("pair did not sync within 10s")
+		}
+		if err := a.c.Send(b.pub, pkt); err != nil {
+			return 0, 0, err
+		}
+		select {
+		case _, ok := <-got:
+			if !ok {
+				return 0, 0, errors.New("client a closed")
+			}
+			synced = true
+		case <-time.After(10 * time.Millisecond): // resend interval
+		}
+	}
 	var samples []time.Duration
 	warmEnd := time.Now().Add(*flagWarmup)
 	end := warmEnd.Add(*flagDuration)
@@ -486,7 +503,6 @@ func latency(s *target.Server) (p50, p99 time.Duration, err error) {
 			samples = append(samples, rtt)
 		}
 	}
-	stop.Store(true)
 	if len(samples) == 0 {
 		return 0, 0, errors.New("no round trip completed")
 	}
@@ -497,7 +513,7 @@ func latency(s *target.Server) (p50, p99 time.Duration, err error) {
 // lastCPU is the server CPU time (s) of the last measured window.
 var lastCPU float64
 
-func perCPU(_, rate float64) float64 {
+func perCPU(rate float64) float64 {
 	if lastCPU <= 0 {
 		return 0
 	}
