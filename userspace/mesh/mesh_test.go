@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"strings"
@@ -439,4 +440,36 @@ func TestCloseRemovesEverything(t *testing.T) {
 		t.Error("peers_connected not 0 after Close")
 	}
 	tm.Close()
+}
+
+func TestInterleaver(t *testing.T) {
+	k := func(b byte) derp.PublicKey { return derp.PublicKey{b} }
+	frame := func(dst byte, seq byte) []byte {
+		return derp.AppendForwardPacket(nil, derp.PublicKey{9}, k(dst), []byte{seq})
+	}
+	var in [][]byte
+	// A burst for 1, then 2, then one for 3, then more for 1.
+	for i := range 4 {
+		in = append(in, frame(1, byte(i)))
+	}
+	for i := range 2 {
+		in = append(in, frame(2, byte(i)))
+	}
+	in = append(in, frame(3, 0), frame(1, 4))
+	var il interleaver
+	for range 2 { // twice: reused state must not leak between batches
+		out := il.order(append([][]byte(nil), in...))
+		var got []string
+		for _, f := range out {
+			got = append(got, fmt.Sprintf("%d.%d", f[derp.FrameHeaderLen+derp.KeyLen], f[len(f)-1]))
+		}
+		want := "1.0 2.0 3.0 1.1 2.1 1.2 1.3 1.4"
+		if s := strings.Join(got, " "); s != want {
+			t.Fatalf("order %s, want %s", s, want)
+		}
+	}
+	one := [][]byte{frame(1, 0), frame(1, 1), frame(1, 2)}
+	if out := il.order(one); &out[0] != &one[0] {
+		t.Error("a single-destination batch was copied")
+	}
 }

@@ -277,65 +277,116 @@ func (p *peer) readLoop(cc *clientConn, present map[derp.PublicKey]struct{}, ctr
 }
 
 // writeLoop writes queued frames in batches: it blocks for one frame, then
-// takes whatever else is already queued and flushes once.
+// takes whatever else is already queued (up to the queue length: under CPU
+// pressure the writer runs rarely, and each run should move as much as it
+// can), interleaves the data frames by destination and flushes once.
 // A write error or timeout closes the connection, which ends readLoop.
 func (p *peer) writeLoop(cc *clientConn, ctrl <-chan []byte, stop <-chan struct{}) {
 	m := p.m
 	bw := bufio.NewWriterSize(cc.nc, 64<<10)
-	// Take everything queued in one go (bounded by the queue length):
-	// under CPU pressure the writer runs rarely, and each run should move
-	// as much as it can.
 	maxBatch := cap(p.q)
-	batch := make([]int, 0, maxBatch) // payload sizes of data frames in this batch
+	frames := make([][]byte, 0, maxBatch)
+	var il interleaver
 	for {
-		var b []byte
-		isData := false
+		frames = frames[:0]
 		select {
 		case <-stop:
 			return
-		case b = <-ctrl:
-		case b = <-p.q:
-			isData = true
+		case b := <-ctrl:
+			bw.Write(b)
+		case b := <-p.q:
+			frames = append(frames, b)
+		}
+	take:
+		for len(frames) < maxBatch {
+			select {
+			case b := <-ctrl:
+				bw.Write(b) // control frames go first
+			case b := <-p.q:
+				frames = append(frames, b)
+			default:
+				break take
+			}
 		}
 		cc.nc.SetWriteDeadline(time.Now().Add(m.opts.WriteTimeout))
-		batch = batch[:0]
 		var err error
-		for {
-			_, err = bw.Write(b)
-			if isData {
-				batch = append(batch, len(b)-derp.FrameHeaderLen-2*derp.KeyLen)
-				putBuf(b)
+		var bytes uint64
+		for _, b := range il.order(frames) {
+			if err == nil {
+				_, err = bw.Write(b)
 			}
-			if err != nil || len(batch) >= maxBatch {
-				break
-			}
-			select {
-			case b = <-ctrl:
-				isData = false
-				continue
-			case b = <-p.q:
-				isData = true
-				continue
-			default:
-			}
-			break
+			bytes += uint64(len(b) - derp.FrameHeaderLen - 2*derp.KeyLen)
+			putBuf(b)
 		}
 		if err == nil {
 			err = bw.Flush()
 		}
 		if err != nil {
-			m.met.dropWriteError.Add(uint64(len(batch)))
+			m.met.dropWriteError.Add(uint64(len(frames)))
 			m.log.Debug("mesh write failed", "peer", p.name, "err", err)
 			cc.nc.Close()
 			return
 		}
-		var bytes uint64
-		for _, n := range batch {
-			bytes += uint64(n)
-		}
-		m.met.fwdPackets.Add(uint64(len(batch)))
+		m.met.fwdPackets.Add(uint64(len(frames)))
 		m.met.fwdBytes.Add(bytes)
 	}
+}
+
+// interleaver reorders a batch of ForwardPacket frames round-robin by
+// destination key, keeping each destination's frames in order (so
+// per-sender order is kept too). Senders' reads arrive in bursts for one
+// destination; spreading them keeps one burst from overflowing that
+// client's small queue on the far node while other clients idle. It reuses
+// its memory between batches.
+type interleaver struct {
+	idx    map[derp.PublicKey]int
+	groups [][][]byte
+	out    [][]byte
+}
+
+func frameDst(b []byte) derp.PublicKey {
+	return derp.PublicKey(b[derp.FrameHeaderLen+derp.KeyLen : derp.FrameHeaderLen+2*derp.KeyLen])
+}
+
+func (il *interleaver) order(frames [][]byte) [][]byte {
+	if len(frames) < 3 {
+		return frames
+	}
+	if il.idx == nil {
+		il.idx = make(map[derp.PublicKey]int)
+	}
+	clear(il.idx)
+	n := 0
+	for _, f := range frames {
+		k := frameDst(f)
+		i, ok := il.idx[k]
+		if !ok {
+			i = n
+			il.idx[k] = i
+			if n == len(il.groups) {
+				il.groups = append(il.groups, nil)
+			}
+			il.groups[i] = il.groups[i][:0]
+			n++
+		}
+		il.groups[i] = append(il.groups[i], f)
+	}
+	if n == 1 {
+		return frames
+	}
+	out := il.out[:0]
+	for round := 0; len(out) < len(frames); round++ {
+		for _, g := range il.groups[:n] {
+			if round < len(g) {
+				out = append(out, g[round])
+			}
+		}
+	}
+	for i := range il.groups[:n] {
+		clear(il.groups[i]) // drop references to pooled buffers
+	}
+	il.out = out
+	return out
 }
 
 // jitter returns d scaled by a random factor in [0.5, 1.0).
