@@ -94,7 +94,6 @@ func requireAlive(t *testing.T) {
 // peer is a connected Tailscale derphttp client with a goroutine that
 // forwards everything it receives to msgs (closed when Recv fails).
 type peer struct {
-	t    testing.TB
 	priv key.NodePrivate
 	pub  key.NodePublic
 	c    *derphttp.Client
@@ -121,7 +120,7 @@ func newPeerKey(t testing.TB, s *target.Server, priv key.NodePrivate) *peer {
 		t.Fatalf("connect %s: %v", s.DERPURL(), err)
 	}
 	ch := make(chan derp.ReceivedMessage, 8192)
-	p := &peer{t: t, priv: priv, pub: priv.Public(), c: c, msgs: ch}
+	p := &peer{priv: priv, pub: priv.Public(), c: c, msgs: ch}
 	go func() {
 		defer close(ch)
 		for {

@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"tailscale.com/envknob"
 	"tailscale.com/prober"
 	"tailscale.com/tailcfg"
 )
@@ -106,6 +107,52 @@ func TestProber(t *testing.T) {
 			}},
 		},
 	}}
+	runProber(t, dm, []string{
+		"derpmap-probe",
+		"derp/interop/900a/udp",
+		"derp/interop/900a/900a/mesh",
+		"derp/interop/900a/900a/bw",
+	}, prober.WithMeshProbing(15*time.Second),
+		prober.WithSTUNProbing(15*time.Second),
+		prober.WithBandwidthProbing(15*time.Second, 1_000_000, ""))
+	requireAlive(t)
+}
+
+// TestProberPlainHTTP runs the prober's plain-HTTP mode
+// (TS_DEBUG_USE_DERP_HTTP, as against `derper -dev`) straight at the
+// daemon's port: the map, STUN and bandwidth probes. The mesh probe is not
+// included: it requires TLS state by design ("no TLS state").
+func TestProberPlainHTTP(t *testing.T) {
+	envknob.SetenvForTest(t, "TS_DEBUG_USE_DERP_HTTP", "true")
+	dm := &tailcfg.DERPMap{Regions: map[int]*tailcfg.DERPRegion{
+		901: {
+			RegionID:   901,
+			RegionCode: "plain",
+			RegionName: "xderp interop, plain HTTP",
+			Nodes: []*tailcfg.DERPNode{{
+				Name:     "901a",
+				RegionID: 901,
+				HostName: "127.0.0.1",
+				IPv4:     "127.0.0.1",
+				STUNPort: srv.STUNPort,
+				DERPPort: srv.Port,
+			}},
+		},
+	}}
+	runProber(t, dm, []string{
+		"derpmap-probe",
+		"derp/plain/901a/udp",
+		"derp/plain/901a/901a/bw",
+	}, prober.WithSTUNProbing(15*time.Second),
+		prober.WithBandwidthProbing(15*time.Second, 1_000_000, ""))
+	requireAlive(t)
+}
+
+// runProber writes dm to a file and runs one round of every probe the
+// options enable, like `derpprobe -once -derp-map file://...`; every probe
+// must succeed and every name in want must have run.
+func runProber(t *testing.T, dm *tailcfg.DERPMap, wantNames []string, opts ...prober.DERPOpt) {
+	t.Helper()
 	mapPath := filepath.Join(t.TempDir(), "derpmap.json")
 	js, err := json.Marshal(dm)
 	if err != nil {
@@ -116,11 +163,7 @@ func TestProber(t *testing.T) {
 	}
 
 	p := prober.New().WithSpread(false).WithOnce(true).WithMetricNamespace("derpprobe")
-	dp, err := prober.DERP(p, "file://"+mapPath,
-		prober.WithMeshProbing(15*time.Second),
-		prober.WithSTUNProbing(15*time.Second),
-		prober.WithBandwidthProbing(15*time.Second, 1_000_000, ""),
-	)
+	dp, err := prober.DERP(p, "file://"+mapPath, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,11 +176,9 @@ func TestProber(t *testing.T) {
 		t.Fatal("prober did not finish within 60s")
 	}
 
-	want := map[string]bool{
-		"derpmap-probe":               false,
-		"derp/interop/900a/udp":       false,
-		"derp/interop/900a/900a/mesh": false,
-		"derp/interop/900a/900a/bw":   false,
+	want := map[string]bool{}
+	for _, n := range wantNames {
+		want[n] = false
 	}
 	var names []string
 	for name, info := range p.ProbeInfo() {
@@ -161,5 +202,4 @@ func TestProber(t *testing.T) {
 			t.Errorf("probe %s did not succeed (probes run: %s)", name, strings.Join(names, ", "))
 		}
 	}
-	requireAlive(t)
 }

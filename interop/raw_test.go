@@ -216,3 +216,36 @@ func countFDs(pid int) (int, error) {
 	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
 	return len(ents), err
 }
+
+// TestFastStart: with Derp-Fast-Start: 1 the server writes no HTTP
+// response; the first bytes are the ServerKey frame. The Upgrade value is
+// matched case-insensitively.
+func TestFastStart(t *testing.T) {
+	for _, upgrade := range []string{"DERP", "derp", "DeRp"} {
+		c := dialRaw(t)
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c, "GET /derp HTTP/1.1\r\nHost: localhost\r\nUpgrade: "+upgrade+"\r\nConnection: Upgrade\r\nDerp-Fast-Start: 1\r\n\r\n")
+		typ, b, err := readFrame(c.br, 1024)
+		if err != nil {
+			t.Fatalf("Upgrade: %s, fast start: read first frame: %v", upgrade, err)
+		}
+		if typ != frameServerKey || len(b) < 40 || string(b[:8]) != string(serverKeyMagic) {
+			t.Fatalf("Upgrade: %s, fast start: first bytes are not a ServerKey frame (type %#x, len %d: %q)", upgrade, typ, len(b), b[:min(len(b), 16)])
+		}
+		var raw [32]byte
+		copy(raw[:], b[8:40])
+		if keyFromRaw(raw) != srv.Key.Public() {
+			t.Fatalf("ServerKey frame carries the wrong key")
+		}
+		// The handshake completes over the fast-started stream.
+		priv := key.NewNode()
+		if err := writeFrame(c, frameClientInfo, clientInfo(priv.Public(), priv, srv.Key.Public())); err != nil {
+			t.Fatal(err)
+		}
+		typ, _, err = readFrame(c.br, 1<<20)
+		if err != nil || typ != frameServerInfo {
+			t.Fatalf("after ClientInfo: type %#x, err %v; want ServerInfo", typ, err)
+		}
+		c.Close()
+	}
+}

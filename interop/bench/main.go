@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"github.com/xderp/xderp/interop/internal/target"
+	"golang.org/x/net/ipv4"
 	"tailscale.com/derp"
 	"tailscale.com/derp/derphttp"
 	"tailscale.com/net/netmon"
@@ -44,12 +45,15 @@ var (
 	flagSTUNSock = flag.Int("stun-sockets", 8, "client sockets in the STUN phase")
 	flagSTUNOut  = flag.Int("stun-outstanding", 8, "requests outstanding per STUN socket")
 	flagTargets  = flag.String("targets", "xderpd,reference", "implementations to measure")
+	flagRounds   = flag.Int("rounds", 2, "measure each phase (except memory) this many times per implementation and keep the best figure")
 	flagPhases   = flag.String("phases", "closed,overload,latency,memory,stun,ceiling", "phases to run")
 )
 
 type result struct {
 	closedPPS, closedMbps float64
-	overPPS               float64
+	overPPS, overOffered  float64
+	closedCPU, overCPU    float64 // packets delivered per server CPU-second
+	stunCPU               float64 // responses per server CPU-second
 	p50, p99              time.Duration
 	memKiBPerConn         float64
 	stunRPS               float64
@@ -106,54 +110,81 @@ func main() {
 		log.Printf("%s: pid %d on %s (stun %s)", k, s.PID(), s.HostPort(), s.STUNAddr())
 	}
 
-	for _, k := range kinds {
-		s := servers[k]
-		if s == nil {
-			continue
-		}
-		r := results[k]
-		note := func(phase string, err error) {
-			if err != nil {
-				r.errs = append(r.errs, phase+": "+err.Error())
-				log.Printf("%s %s: %v", k, phase, err)
+	// Phases run in the outer loop and implementations in the inner one, so
+	// both see the same background load; with -rounds N each figure is the
+	// best of N.
+	type phase struct {
+		name string
+		run  func(k target.Kind, s *target.Server, r *result) error
+	}
+	all := []phase{
+		{"closed", func(k target.Kind, s *target.Server, r *result) error {
+			pps, _, err := throughput(s, true)
+			if pps > r.closedPPS {
+				r.closedPPS, r.closedMbps = pps, pps*float64(*flagSize)*8/1e6
 			}
-		}
-		if phases["closed"] {
-			pps, err := throughput(s, true)
-			note("closed-loop", err)
-			r.closedPPS, r.closedMbps = pps, pps*float64(*flagSize)*8/1e6
-			log.Printf("%s closed-loop: %.0f pkt/s, %.0f Mbit/s", k, pps, r.closedMbps)
-		}
-		if phases["overload"] {
-			pps, err := throughput(s, false)
-			note("overload", err)
-			r.overPPS = pps
-			log.Printf("%s overload: %.0f pkt/s delivered", k, pps)
-		}
-		if phases["latency"] {
+			r.closedCPU = max(r.closedCPU, perCPU(pps))
+			log.Printf("%s closed-loop: %.0f pkt/s, %.0f Mbit/s", k, pps, pps*float64(*flagSize)*8/1e6)
+			return err
+		}},
+		{"overload", func(k target.Kind, s *target.Server, r *result) error {
+			pps, offered, err := throughput(s, false)
+			if pps > r.overPPS {
+				r.overPPS, r.overOffered = pps, offered
+			}
+			r.overCPU = max(r.overCPU, perCPU(pps))
+			log.Printf("%s overload: %.0f pkt/s delivered of %.0f pkt/s sent", k, pps, offered)
+			return err
+		}},
+		{"latency", func(k target.Kind, s *target.Server, r *result) error {
 			p50, p99, err := latency(s)
-			note("latency", err)
-			r.p50, r.p99 = p50, p99
+			if r.p99 == 0 || (p99 > 0 && p99 < r.p99) {
+				r.p50, r.p99 = p50, p99
+			}
 			log.Printf("%s rtt: p50 %v p99 %v", k, p50, p99)
-		}
-		if phases["stun"] {
+			return err
+		}},
+		{"stun", func(k target.Kind, s *target.Server, r *result) error {
 			rps, err := stunRate(s)
-			note("stun", err)
-			r.stunRPS = rps
+			r.stunRPS = max(r.stunRPS, rps)
+			r.stunCPU = max(r.stunCPU, perCPU(rps))
 			log.Printf("%s stun: %.0f responses/s", k, rps)
-		}
-		if phases["memory"] {
+			return err
+		}},
+		{"memory", func(k target.Kind, _ *target.Server, r *result) error {
 			// A fresh process so the baseline is not inflated by the
 			// buffers the throughput phases grew.
 			fresh, err := target.Start(k, bins[k], target.Options{Dir: dir})
 			if err != nil {
-				note("memory", err)
-			} else {
-				kib, err := memoryPerConn(fresh, *flagConns)
-				note("memory", err)
+				return err
+			}
+			defer fresh.Stop(10 * time.Second)
+			kib, err := memoryPerConn(fresh, *flagConns)
+			if kib > 0 && (r.memKiBPerConn == 0 || kib < r.memKiBPerConn) {
 				r.memKiBPerConn = kib
-				log.Printf("%s memory: %.2f KiB per idle connection", k, kib)
-				fresh.Stop(10 * time.Second)
+			}
+			log.Printf("%s memory: %.2f KiB per idle connection", k, kib)
+			return err
+		}},
+	}
+	for _, ph := range all {
+		if !phases[ph.name] {
+			continue
+		}
+		rounds := *flagRounds
+		if ph.name == "memory" {
+			rounds = 1 // needs a fresh process each time and is not CPU-bound
+		}
+		for range rounds {
+			for _, k := range kinds {
+				s := servers[k]
+				if s == nil {
+					continue
+				}
+				if err := ph.run(k, s, results[k]); err != nil {
+					results[k].errs = append(results[k].errs, ph.name+": "+err.Error())
+					log.Printf("%s %s: %v", k, ph.name, err)
+				}
 			}
 		}
 	}
@@ -247,19 +278,20 @@ func awaitSync(a, b *client, arrived *atomic.Bool) error {
 // at most inflight packets in flight (a receiver returns a credit per
 // packet; a credit not returned within 1 s counts as lost and is
 // reissued). Otherwise senders are unthrottled. Returns delivered pkt/s.
-func throughput(s *target.Server, closed bool) (float64, error) {
+func throughput(s *target.Server, closed bool) (delivered, offered float64, err error) {
 	senders, receivers, err := pairUp(s, *flagPairs)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	var (
-		counting  atomic.Bool
-		stop      atomic.Bool
-		delivered atomic.Int64
-		lost      atomic.Int64
-		wg        sync.WaitGroup
-		errMu     sync.Mutex
-		firstErr  error
+		counting atomic.Bool
+		stop     atomic.Bool
+		recvd    atomic.Int64
+		sent     atomic.Int64
+		lost     atomic.Int64
+		wg       sync.WaitGroup
+		errMu    sync.Mutex
+		firstErr error
 	)
 	setErr := func(err error) {
 		errMu.Lock()
@@ -300,7 +332,7 @@ func throughput(s *target.Server, closed bool) (float64, error) {
 					continue
 				}
 				if counting.Load() {
-					delivered.Add(1)
+					recvd.Add(1)
 				}
 				if closed {
 					select {
@@ -318,7 +350,7 @@ func throughput(s *target.Server, closed bool) (float64, error) {
 				c.c.Close()
 			}
 			wg.Wait()
-			return 0, err
+			return 0, 0, err
 		}
 	}
 	stopped := make(chan struct{})
@@ -346,16 +378,25 @@ func throughput(s *target.Server, closed bool) (float64, error) {
 					}
 					return
 				}
+				if counting.Load() {
+					sent.Add(1)
+				}
 			}
 		}()
 	}
 	time.Sleep(*flagWarmup) // warm-up
+	before := serverCounters(s)
+	cpu0, _ := s.CPUSeconds()
 	counting.Store(true)
 	start := time.Now()
 	time.Sleep(*flagDuration) // measuring window
 	counting.Store(false)
 	elapsed := time.Since(start)
-	n := delivered.Load()
+	n, m := recvd.Load(), sent.Load()
+	cpu1, _ := s.CPUSeconds()
+	lastCPU = cpu1 - cpu0
+	after := serverCounters(s)
+	log.Printf("%s %s: server counted per second: %s", s.Kind, map[bool]string{true: "closed-loop", false: "overload"}[closed], after.rateSince(before, elapsed))
 	stop.Store(true)
 	close(stopped)
 	for _, c := range append(senders, receivers...) {
@@ -366,7 +407,7 @@ func throughput(s *target.Server, closed bool) (float64, error) {
 	if closed && lost.Load() > 0 {
 		log.Printf("%s closed-loop: %d credits timed out (packets lost)", s.Kind, lost.Load())
 	}
-	return float64(n) / elapsed.Seconds(), firstErr
+	return float64(n) / elapsed.Seconds(), float64(m) / elapsed.Seconds(), firstErr
 }
 
 // latency measures round trips a -> relay -> b -> relay -> a of one packet
@@ -379,7 +420,6 @@ func latency(s *target.Server) (p50, p99 time.Duration, err error) {
 	a, b := senders[0], receivers[0]
 	defer a.c.Close()
 	defer b.c.Close()
-	var stop atomic.Bool
 	echoErr := make(chan error, 1)
 	go func() { // b echoes everything from a back to a
 		for {
@@ -410,6 +450,24 @@ func latency(s *target.Server) (p50, p99 time.Duration, err error) {
 		}
 	}()
 	pkt := make([]byte, *flagSize)
+	// Both registered: resend until one packet has made the round trip.
+	syncDeadline := time.Now().Add(10 * time.Second)
+	for synced := false; !synced; {
+		if time.Now().After(syncDeadline) {
+			return 0, 0, errors.New("pair did not sync within 10s")
+		}
+		if err := a.c.Send(b.pub, pkt); err != nil {
+			return 0, 0, err
+		}
+		select {
+		case _, ok := <-got:
+			if !ok {
+				return 0, 0, errors.New("client a closed")
+			}
+			synced = true
+		case <-time.After(10 * time.Millisecond): // resend interval
+		}
+	}
 	var samples []time.Duration
 	warmEnd := time.Now().Add(*flagWarmup)
 	end := warmEnd.Add(*flagDuration)
@@ -445,12 +503,39 @@ func latency(s *target.Server) (p50, p99 time.Duration, err error) {
 			samples = append(samples, rtt)
 		}
 	}
-	stop.Store(true)
 	if len(samples) == 0 {
 		return 0, 0, errors.New("no round trip completed")
 	}
 	slices.Sort(samples)
 	return samples[len(samples)/2], samples[len(samples)*99/100], nil
+}
+
+// lastCPU is the server CPU time (s) of the last measured window.
+var lastCPU float64
+
+func perCPU(rate float64) float64 {
+	if lastCPU <= 0 {
+		return 0
+	}
+	return rate * (*flagDuration).Seconds() / lastCPU
+}
+
+// counters are the server's own packet counters (derper's names).
+type counters struct{ received, sent, dropped float64 }
+
+func serverCounters(s *target.Server) counters {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	var c counters
+	c.received, _ = s.MetricSum(ctx, "derp_packets_received")
+	c.sent, _ = s.MetricSum(ctx, "derp_packets_sent")
+	c.dropped, _ = s.MetricSum(ctx, "derp_packets_dropped")
+	return c
+}
+
+func (c counters) rateSince(b counters, d time.Duration) string {
+	sec := d.Seconds()
+	return fmt.Sprintf("received %.0f, sent %.0f, dropped %.0f", (c.received-b.received)/sec, (c.sent-b.sent)/sec, (c.dropped-b.dropped)/sec)
 }
 
 func putSeq(b []byte, v uint64) {
@@ -556,41 +641,69 @@ func stableRSS(s *target.Server) (int64, error) {
 }
 
 // stunRate keeps stun-outstanding requests in flight on each of
-// stun-sockets sockets and counts valid responses per second.
+// stun-sockets sockets and counts valid responses per second. The client
+// sends and receives in batches (sendmmsg/recvmmsg) and cycles through
+// pre-built requests, so that on a small machine it costs less CPU per
+// request than the server and the figure is the server's.
 func stunRate(s *target.Server) (float64, error) {
 	var counting, stop atomic.Bool
 	var answered atomic.Int64
 	var wg sync.WaitGroup
 	errc := make(chan error, *flagSTUNSock)
+	dst, err := net.ResolveUDPAddr("udp", s.STUNAddr())
+	if err != nil {
+		return 0, err
+	}
+	window := *flagSTUNOut
 	for range *flagSTUNSock {
-		conn, err := net.Dial("udp", s.STUNAddr())
+		uc, err := net.ListenUDP("udp", &net.UDPAddr{IP: dst.IP, Port: 0})
 		if err != nil {
 			return 0, err
 		}
-		defer conn.Close()
+		defer uc.Close()
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			buf := make([]byte, 1500)
-			send := func() error {
-				_, err := conn.Write(stun.Request(stun.NewTxID()))
-				return err
+			pc := ipv4.NewPacketConn(uc)
+			reqs := make([][]byte, 1024)
+			for i := range reqs {
+				reqs[i] = stun.Request(stun.NewTxID())
 			}
-			for range *flagSTUNOut {
-				if err := send(); err != nil {
-					errc <- err
-					return
+			next := 0
+			out := make([]ipv4.Message, window)
+			in := make([]ipv4.Message, window)
+			for i := range in {
+				in[i].Buffers = [][]byte{make([]byte, 1500)}
+			}
+			send := func(n int) error {
+				for i := range n {
+					out[i].Buffers = [][]byte{reqs[next]}
+					out[i].Addr = dst
+					next = (next + 1) % len(reqs)
 				}
+				for sent := 0; sent < n; {
+					k, err := pc.WriteBatch(out[sent:n], 0)
+					if err != nil {
+						return err
+					}
+					sent += k
+				}
+				return nil
+			}
+			if err := send(window); err != nil {
+				errc <- err
+				return
 			}
 			for !stop.Load() {
-				conn.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
-				n, err := conn.Read(buf)
+				uc.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+				n, err := pc.ReadBatch(in, 0)
 				if err != nil {
 					var ne net.Error
 					if errors.As(err, &ne) && ne.Timeout() {
 						// Requests lost: refill the window.
-						for range *flagSTUNOut {
-							send()
+						if err := send(window); err != nil && !stop.Load() {
+							errc <- err
+							return
 						}
 						continue
 					}
@@ -599,10 +712,16 @@ func stunRate(s *target.Server) (float64, error) {
 					}
 					return
 				}
-				if _, _, err := stun.ParseResponse(buf[:n]); err == nil && counting.Load() {
-					answered.Add(1)
+				valid := 0
+				for i := range n {
+					if _, _, err := stun.ParseResponse(in[i].Buffers[0][:in[i].N]); err == nil {
+						valid++
+					}
 				}
-				if err := send(); err != nil {
+				if counting.Load() {
+					answered.Add(int64(valid))
+				}
+				if err := send(n); err != nil {
 					if !stop.Load() {
 						errc <- err
 					}
@@ -612,11 +731,14 @@ func stunRate(s *target.Server) (float64, error) {
 		}()
 	}
 	time.Sleep(*flagWarmup) // warm-up
+	cpu0, _ := s.CPUSeconds()
 	counting.Store(true)
 	start := time.Now()
 	time.Sleep(*flagDuration) // measuring window
 	counting.Store(false)
 	elapsed := time.Since(start)
+	cpu1, _ := s.CPUSeconds()
+	lastCPU = cpu1 - cpu0
 	stop.Store(true)
 	wg.Wait()
 	select {
@@ -716,8 +838,8 @@ func printTable(w io.Writer, x, r *result, ceilMbps float64) {
 	if r == nil {
 		r = &result{}
 	}
-	fmt.Fprintf(w, "\nxderp benchmark: %d pairs, %d in flight, %d-byte packets, %v per phase, %d idle connections, GOMAXPROCS %d on %d CPUs\n\n",
-		*flagPairs, *flagInflight, *flagSize, *flagDuration, *flagConns, runtime.GOMAXPROCS(0), runtime.NumCPU())
+	fmt.Fprintf(w, "\nxderp benchmark: %d pairs, %d in flight, %d-byte packets, %v per phase, best of %d, %d idle connections, GOMAXPROCS %d on %d CPUs, load average %s\n\n",
+		*flagPairs, *flagInflight, *flagSize, *flagDuration, *flagRounds, *flagConns, runtime.GOMAXPROCS(0), runtime.NumCPU(), loadAvg())
 	fmt.Fprintln(w, "| metric | xderpd | reference (derper) | ratio | target | met? |")
 	fmt.Fprintln(w, "|---|---|---|---|---|---|")
 	ratio := func(a, b float64) (float64, bool) {
@@ -751,6 +873,8 @@ func printTable(w io.Writer, x, r *result, ceilMbps float64) {
 	row("closed-loop throughput (pkt/s)", num(x.closedPPS, "%.0f"), num(r.closedPPS, "%.0f"), rt, ok, ">= 3x", func(v float64) bool { return v >= 3 })
 	rt, ok = ratio(x.closedMbps, r.closedMbps)
 	row("closed-loop throughput (Mbit/s)", num(x.closedMbps, "%.0f"), num(r.closedMbps, "%.0f"), rt, ok, "-", nil)
+	rt, ok = ratio(x.overOffered, r.overOffered)
+	row("overload offered by senders (pkt/s)", num(x.overOffered, "%.0f"), num(r.overOffered, "%.0f"), rt, ok, "-", nil)
 	rt, ok = ratio(x.overPPS, r.overPPS)
 	row("overload delivered (pkt/s)", num(x.overPPS, "%.0f"), num(r.overPPS, "%.0f"), rt, ok, "-", nil)
 	xo, xok := ratio(x.overPPS, x.closedPPS)
@@ -779,6 +903,12 @@ func printTable(w io.Writer, x, r *result, ceilMbps float64) {
 	row("RSS per idle connection (KiB)", num(x.memKiBPerConn, "%.2f"), num(r.memKiBPerConn, "%.2f"), rt, ok, "<= 0.33x", func(v float64) bool { return v <= 1.0/3 })
 	rt, ok = ratio(x.stunRPS, r.stunRPS)
 	row("STUN responses/s", num(x.stunRPS, "%.0f"), num(r.stunRPS, "%.0f"), rt, ok, ">= 2x", func(v float64) bool { return v >= 2 })
+	rt, ok = ratio(x.closedCPU, r.closedCPU)
+	row("closed-loop pkt per server CPU-second", num(x.closedCPU, "%.0f"), num(r.closedCPU, "%.0f"), rt, ok, "-", nil)
+	rt, ok = ratio(x.overCPU, r.overCPU)
+	row("overload delivered pkt per server CPU-second", num(x.overCPU, "%.0f"), num(r.overCPU, "%.0f"), rt, ok, "-", nil)
+	rt, ok = ratio(x.stunCPU, r.stunCPU)
+	row("STUN responses per server CPU-second", num(x.stunCPU, "%.0f"), num(r.stunCPU, "%.0f"), rt, ok, "-", nil)
 	fmt.Fprintf(w, "| ceiling: loopback TCP through an io.Copy relay (Mbit/s) | %s | | | - | - |\n", num(ceilMbps, "%.0f"))
 	for name, res := range map[string]*result{"xderpd": x, "reference": r} {
 		for _, e := range res.errs {
@@ -786,4 +916,17 @@ func printTable(w io.Writer, x, r *result, ceilMbps float64) {
 		}
 	}
 	fmt.Fprintln(w)
+}
+
+// loadAvg returns the 1-minute load average, to show how busy the machine was.
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return "unknown"
+	}
+	return f[0]
 }

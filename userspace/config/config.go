@@ -27,6 +27,7 @@ const (
 	DevAddr          = "127.0.0.1:3340"
 	DevSTUNAddr      = "127.0.0.1"
 	DefaultKeyPath   = "/var/lib/xderp/derper.key"
+	DefaultCertDir   = "/var/lib/xderp/certs"
 	DefaultPinRoot   = "/sys/fs/bpf/xderp"
 	DefaultWriteWait = 2 * time.Second
 )
@@ -110,6 +111,8 @@ type Config struct {
 	Shaping Shaping
 	// LogLevel is debug, info, warn or error (-log-level, default info).
 	LogLevel string
+	// File is the configuration file read before the command line (-config).
+	File string
 	// PrintDERPMap prints this node's DERP map entry as JSON and exits (-print-derpmap).
 	PrintDERPMap bool
 }
@@ -163,7 +166,7 @@ func NewFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 	fs.BoolVar(&c.PrintVersion, "version", false, "print the version and exit")
 	fs.StringVar(&c.Hostname, "hostname", "", "TLS host name (a DNS name, or an IP address for a self-signed certificate with -certmode=manual)")
 	fs.StringVar(&c.CertMode, "certmode", "letsencrypt", "certificate mode: letsencrypt (ACME) or manual")
-	fs.StringVar(&c.CertDir, "certdir", defaultCertDir(), "ACME cache directory, or where manual <hostname>.crt/.key live")
+	fs.StringVar(&c.CertDir, "certdir", DefaultCertDir, "ACME cache directory, or where manual <hostname>.crt/.key live")
 	fs.StringVar(&c.ACMEDirectory, "acme-directory", "", "ACME directory URL (default Let's Encrypt)")
 	fs.StringVar(&c.ACMEEmail, "acme-email", "", "ACME account contact e-mail")
 	fs.StringVar(&c.EABKeyID, "acme-eab-kid", "", "ACME External Account Binding key ID")
@@ -194,13 +197,13 @@ func NewFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 	fs.BoolVar(&c.XDPDropSTUN, "xdp-drop-stun", false, "drop every STUN packet in XDP (maintenance)")
 	fs.BoolVar(&c.XDPDetach, "xdp-detach", false, "detach and unpin the XDP program from -xdp-iface, then exit")
 	fs.Uint64Var(&c.Shaping.PacketsPerSec, "shape-pps", 0, "inbound TCP packets/s allowed per source to the DERP ports (0: unlimited)")
-	fs.Uint64Var(&c.Shaping.PacketBurst, "shape-pps-burst", 0, "burst for -shape-pps (default: one second's worth)")
+	fs.Uint64Var(&c.Shaping.PacketBurst, "shape-pps-burst", 0, "burst for -shape-pps (0: a tenth of a second's worth)")
 	fs.Uint64Var(&c.Shaping.BytesPerSec, "shape-bps", 0, "inbound TCP bytes/s allowed per source to the DERP ports (0: unlimited)")
-	fs.Uint64Var(&c.Shaping.ByteBurst, "shape-bps-burst", 0, "burst for -shape-bps in bytes (default: one second's worth)")
+	fs.Uint64Var(&c.Shaping.ByteBurst, "shape-bps-burst", 0, "burst for -shape-bps in bytes (0: a tenth of a second's worth)")
 	fs.Uint64Var(&c.Shaping.SYNPerSec, "shape-syn-pps", 0, "new TCP connections (SYN) per second allowed per source (0: unlimited)")
-	fs.Uint64Var(&c.Shaping.SYNBurst, "shape-syn-burst", 0, "burst for -shape-syn-pps (default: one second's worth)")
+	fs.Uint64Var(&c.Shaping.SYNBurst, "shape-syn-burst", 0, "burst for -shape-syn-pps (0: a tenth of a second's worth)")
 	fs.Uint64Var(&c.Shaping.STUNPerSec, "shape-stun-pps", 0, "STUN requests/s allowed per source (0, the default: STUN is never shaped)")
-	fs.Uint64Var(&c.Shaping.STUNBurst, "shape-stun-burst", 0, "burst for -shape-stun-pps")
+	fs.Uint64Var(&c.Shaping.STUNBurst, "shape-stun-burst", 0, "burst for -shape-stun-pps (0: a tenth of a second's worth)")
 	fs.Func("shape-exempt", "comma-separated CIDRs never shaped (monitoring, operators; mesh peers are exempt automatically)", func(s string) error {
 		p, err := parsePrefixes(s)
 		if err != nil {
@@ -210,14 +213,23 @@ func NewFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 		return nil
 	})
 	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.StringVar(&c.File, "config", "", "file of flag settings, one 'name value' per line ('#' comments), applied before the command line and re-read on SIGHUP")
 	fs.BoolVar(&c.PrintDERPMap, "print-derpmap", false, "print this node's DERP map entry as JSON and exit")
 	return fs
 }
 
 // Parse parses args (without the program name) and validates the result.
 func Parse(args []string, out io.Writer) (*Config, error) {
+	if err := rejectDerperOnly(args); err != nil {
+		return nil, err
+	}
 	c := new(Config)
 	fs := NewFlagSet(c, out)
+	if path := configFileArg(args); path != "" {
+		if err := applyFile(fs, path); err != nil {
+			return nil, err
+		}
+	}
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -265,6 +277,8 @@ func (c *Config) Validate() error {
 	}
 	switch c.CertMode {
 	case "letsencrypt", "manual":
+	case "gcp":
+		return fieldErr("certmode", "gcp is not supported: use -certmode=letsencrypt with -acme-directory, -acme-eab-kid and -acme-eab-key")
 	default:
 		return fieldErr("certmode", "%q is not a certificate mode (letsencrypt or manual)", c.CertMode)
 	}
@@ -336,8 +350,19 @@ func (c *Config) Validate() error {
 	if c.XDPPinRoot == "" {
 		return fieldErr("xdp-pin-dir", "must not be empty")
 	}
-	if c.Shaping.STUNBurst > 0 && c.Shaping.STUNPerSec == 0 {
-		return fieldErr("shape-stun-burst", "set without -shape-stun-pps")
+	sh := c.Shaping
+	for _, b := range []struct {
+		burst, rate       uint64
+		burstFlag, rateFl string
+	}{
+		{sh.PacketBurst, sh.PacketsPerSec, "shape-pps-burst", "shape-pps"},
+		{sh.ByteBurst, sh.BytesPerSec, "shape-bps-burst", "shape-bps"},
+		{sh.SYNBurst, sh.SYNPerSec, "shape-syn-burst", "shape-syn-pps"},
+		{sh.STUNBurst, sh.STUNPerSec, "shape-stun-burst", "shape-stun-pps"},
+	} {
+		if b.burst > 0 && b.rate == 0 {
+			return fieldErr(b.burstFlag, "set without -%s", b.rateFl)
+		}
 	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":
@@ -391,6 +416,98 @@ func ReadMeshKey(path string) (string, error) {
 	return strings.ToLower(k), nil
 }
 
+// derperOnly lists derper flags xderp does not implement, with the reason,
+// so a derper command line that relies on one fails with a clear message.
+var derperOnly = map[string]string{
+	"verify-clients":                  "client verification through a local tailscaled is not supported",
+	"verify-client-url":               "the admission webhook is not supported yet",
+	"verify-client-url-fail-open":     "the admission webhook is not supported yet",
+	"socket":                          "there is no tailscaled integration",
+	"secrets-url":                     "use -mesh-psk-file for the mesh key",
+	"secrets-path-prefix":             "use -mesh-psk-file for the mesh key",
+	"secrets-cache-dir":               "use -mesh-psk-file for the mesh key",
+	"bootstrap-dns-names":             "/bootstrap-dns is not served",
+	"unpublished-bootstrap-dns-names": "/bootstrap-dns is not served",
+	"rate-config":                     "per-client limits are enforced in XDP: see the -shape-* flags",
+	"ace":                             "the CONNECT proxy is not supported",
+	"acme-ip-certs":                   "use -certmode=manual with an IP -hostname for a pinned self-signed certificate",
+}
+
+func rejectDerperOnly(args []string) error {
+	for _, a := range args {
+		if a == "--" {
+			break
+		}
+		if !strings.HasPrefix(a, "-") {
+			continue
+		}
+		name, _, _ := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if why, ok := derperOnly[name]; ok {
+			return fieldErr(name, "derper's flag is not supported by xderp: %s", why)
+		}
+	}
+	return nil
+}
+
+// configFileArg finds -config in args without parsing the rest.
+func configFileArg(args []string) string {
+	for i, a := range args {
+		if a == "--" {
+			break
+		}
+		name, val, hasVal := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if !strings.HasPrefix(a, "-") || name != "config" {
+			continue
+		}
+		if hasVal {
+			return val
+		}
+		if i+1 < len(args) {
+			return args[i+1]
+		}
+	}
+	return ""
+}
+
+// applyFile sets flags from a file of "name value" (or "name = value")
+// lines. Errors name the file, the line and the flag.
+func applyFile(fs *flag.FlagSet, path string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fieldErr("config", "%v", err)
+	}
+	for i, line := range strings.Split(string(b), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		var name, val string
+		if n, v, ok := strings.Cut(line, "="); ok && len(strings.Fields(n)) == 1 {
+			name, val = n, v // name = value
+		} else if f := strings.Fields(line); len(f) > 0 {
+			name, val = f[0], strings.TrimSpace(strings.TrimPrefix(line, f[0])) // name value
+		}
+		name = strings.TrimLeft(strings.TrimSpace(name), "-")
+		val = strings.Trim(strings.TrimSpace(val), `"`)
+		if name == "config" {
+			return fieldErr("config", "%s:%d: a configuration file cannot name another", path, i+1)
+		}
+		f := fs.Lookup(name)
+		if f == nil {
+			return fieldErr("config", "%s:%d: unknown setting %q", path, i+1, name)
+		}
+		if val == "" {
+			if _, isBool := f.Value.(interface{ IsBoolFlag() bool }); isBool {
+				val = "true"
+			}
+		}
+		if err := fs.Set(name, val); err != nil {
+			return fieldErr(name, "%s:%d: %v", path, i+1, err)
+		}
+	}
+	return nil
+}
+
 func splitList(s string) []string {
 	var out []string
 	for _, f := range strings.Split(s, ",") {
@@ -415,11 +532,4 @@ func parsePrefixes(s string) ([]netip.Prefix, error) {
 		out = append(out, p.Masked())
 	}
 	return out, nil
-}
-
-func defaultCertDir() string {
-	if d, err := os.UserCacheDir(); err == nil {
-		return d + "/xderp/certs"
-	}
-	return ""
 }

@@ -141,3 +141,41 @@ func assertField(t *testing.T, err error, flag string) {
 		t.Errorf("message %q does not start with the flag", err)
 	}
 }
+
+func TestConfigFile(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "xderp.conf")
+	os.WriteFile(p, []byte("# comment\n-a 127.0.0.1:9000\nshape-pps = 500\nxdp-drop-stun\nmetrics-allow=10.0.0.0/8\nstun-port \"4000\"\n"), 0o644)
+	c, err := Parse([]string{"-config", p, "-stun-port", "4001"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Addr != "127.0.0.1:9000" || c.Shaping.PacketsPerSec != 500 || !c.XDPDropSTUN || len(c.MetricsAllow) != 1 {
+		t.Errorf("file not applied: %+v", c)
+	}
+	if c.STUNPort != 4001 {
+		t.Errorf("command line must override the file: stun-port %d", c.STUNPort)
+	}
+	os.WriteFile(p, []byte("a 127.0.0.1:9000\nshape-pps lots\n"), 0o644)
+	_, err = Parse([]string{"-config=" + p}, io.Discard)
+	assertField(t, err, "shape-pps")
+	if !strings.Contains(err.Error(), "xderp.conf:2") {
+		t.Errorf("error does not name the line: %v", err)
+	}
+	os.WriteFile(p, []byte("no-such-flag 1\n"), 0o644)
+	_, err = Parse([]string{"-config", p}, io.Discard)
+	assertField(t, err, "config")
+	_, err = Parse([]string{"-config", filepath.Join(dir, "missing")}, io.Discard)
+	assertField(t, err, "config")
+}
+
+func TestDerperOnlyFlagsAreNamed(t *testing.T) {
+	for _, name := range []string{"verify-clients", "rate-config", "acme-ip-certs"} {
+		_, err := Parse([]string{"-a", ":1", "-" + name}, io.Discard)
+		assertField(t, err, name)
+	}
+	// A value that merely looks like a flag name is not rejected.
+	if _, err := Parse([]string{"-a", ":1", "-home", "blank"}, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -273,3 +273,21 @@ func validName(s string) bool {
 	}
 	return true
 }
+
+// FamilyInfo describes a registered family (for documentation and tests).
+type FamilyInfo struct {
+	Name, Help string
+	Kind       Kind
+	Labels     []string
+}
+
+// Families lists the registered families in registration order.
+func (r *Registry) Families() []FamilyInfo {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]FamilyInfo, len(r.families))
+	for i, f := range r.families {
+		out[i] = FamilyInfo{Name: f.name, Help: f.help, Kind: f.kind, Labels: append([]string(nil), f.labels...)}
+	}
+	return out
+}

@@ -106,8 +106,9 @@ func (s *Server) Close() error {
 	return nil
 }
 
-func (s *Server) serveConn(c *net.UDPConn) {
-	defer s.wg.Done()
+// serveConnSimple answers requests on c one datagram at a time (platforms
+// without recvmmsg).
+func (s *Server) serveConnSimple(c *net.UDPConn) {
 	buf := make([]byte, 64<<10)
 	out := make([]byte, 0, 64)
 	for {

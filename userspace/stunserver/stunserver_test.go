@@ -8,6 +8,7 @@ import (
 	"hash/crc32"
 	"net"
 	"net/netip"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -138,16 +139,29 @@ func TestIgnoresGarbageAndCounts(t *testing.T) {
 	}
 	var tx [12]byte
 	rand.Read(tx[:])
-	// UDP on loopback keeps order per socket pair, and every socket of the
-	// group sees this client's datagrams on the same socket (reuseport hashes
-	// the 4-tuple), so the answer arrives after the junk was counted.
+	// UDP on loopback keeps order per socket pair, and reuseport hashes this
+	// client's 4-tuple to one socket, so the junk is read before the request.
 	decodeResponse(t, exchange(t, c, to, tailscaleStyleRequest(tx)), tx)
-	var sb strings.Builder
-	reg.WriteText(&sb)
-	for _, want := range []string{`stun_requests{disposition="not_stun"} 4`, `stun_requests{disposition="success"} 1`, `stun_addrfamily{family="ipv4"} 1`} {
-		if !strings.Contains(sb.String(), want) {
-			t.Errorf("metrics lack %q:\n%s", want, sb.String())
+	// The success counter is bumped once the send call returns, which may be
+	// just after the client has the answer: wait for it with a deadline.
+	want := []string{`stun_requests{disposition="not_stun"} 4`, `stun_requests{disposition="success"} 1`, `stun_addrfamily{family="ipv4"} 1`}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var sb strings.Builder
+		reg.WriteText(&sb)
+		missing := ""
+		for _, w := range want {
+			if !strings.Contains(sb.String(), w) {
+				missing = w
+			}
 		}
+		if missing == "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("metrics lack %q:\n%s", missing, sb.String())
+		}
+		runtime.Gosched()
 	}
 }
 

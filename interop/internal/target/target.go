@@ -166,6 +166,7 @@ type Options struct {
 	Dir       string        // where the key file and log go (required)
 	ReadyWait time.Duration // how long to wait for /derp/probe; default 20s
 	ExtraArgs []string      // appended to the command line
+	Port      int           // DERP port to use (0: a free one, retried on a clash)
 }
 
 // Start runs bin (built for k) on free loopback ports and waits until GET
@@ -187,6 +188,9 @@ func Start(k Kind, bin string, o Options) (*Server, error) {
 		port, sport, err := FreePort(o.Host)
 		if err != nil {
 			return nil, err
+		}
+		if o.Port != 0 {
+			port = o.Port
 		}
 		s := &Server{Kind: k, Host: o.Host, Port: port, STUNPort: sport, Key: priv,
 			LogPath: keyPath + fmt.Sprintf(".%d.log", attempt), done: make(chan struct{})}
@@ -347,24 +351,40 @@ func RSSKiB(pid int) (int64, error) {
 }
 
 // Metric fetches the metrics page and returns the value of the first sample
-// whose line starts with name followed by a space or '{' exactly as given
-// (e.g. `derp_current_connections`). It is a quick poll helper; the
-// exposition format itself is checked with the Prometheus parser in tests.
+// of the metric called name (e.g. `derp_current_connections`). It is a
+// quick poll helper; the exposition format itself is checked with the
+// Prometheus parser in the tests.
 func (s *Server) Metric(ctx context.Context, name string) (float64, error) {
+	v, n, err := s.metric(ctx, name, true)
+	if err == nil && n == 0 {
+		err = fmt.Errorf("metric %s not found", name)
+	}
+	return v, err
+}
+
+// MetricSum returns the sum over all samples (all label sets) of name.
+func (s *Server) MetricSum(ctx context.Context, name string) (float64, error) {
+	v, n, err := s.metric(ctx, name, false)
+	if err == nil && n == 0 {
+		err = fmt.Errorf("metric %s not found", name)
+	}
+	return v, err
+}
+
+func (s *Server) metric(ctx context.Context, name string, first bool) (sum float64, n int, err error) {
 	req, err := http.NewRequestWithContext(ctx, "GET", s.HTTPURL()+s.MetricsPath(), nil)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		return 0, fmt.Errorf("fetch metrics: %w", err)
+		return 0, 0, fmt.Errorf("fetch metrics: %w", err)
 	}
 	defer resp.Body.Close()
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
-		line := sc.Text()
-		rest, ok := strings.CutPrefix(line, name)
+		rest, ok := strings.CutPrefix(sc.Text(), name)
 		if !ok || rest == "" || (rest[0] != ' ' && rest[0] != '{') {
 			continue
 		}
@@ -372,10 +392,43 @@ func (s *Server) Metric(ctx context.Context, name string) (float64, error) {
 		if len(f) == 0 {
 			continue
 		}
-		return strconv.ParseFloat(f[len(f)-1], 64)
+		v, err := strconv.ParseFloat(f[len(f)-1], 64)
+		if err != nil {
+			return 0, 0, fmt.Errorf("metric %s: %w", name, err)
+		}
+		sum += v
+		n++
+		if first {
+			break
+		}
 	}
-	return 0, fmt.Errorf("metric %s not found", name)
+	return sum, n, sc.Err()
 }
 
 // Signal sends sig to the process.
 func (s *Server) Signal(sig os.Signal) error { return s.cmd.Process.Signal(sig) }
+
+// CPUSeconds returns the user+system CPU time the process has used, from
+// /proc/PID/stat (clock ticks of 1/100 s, the Linux USER_HZ).
+func (s *Server) CPUSeconds() (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", s.PID()))
+	if err != nil {
+		return 0, fmt.Errorf("read cpu time: %w", err)
+	}
+	// The command name (field 2) is in parentheses and may hold spaces.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, errors.New("read cpu time: malformed stat")
+	}
+	f := strings.Fields(string(b[i+1:]))
+	// After ")": field 3 is f[0]; utime is field 14, stime field 15.
+	if len(f) < 13 {
+		return 0, errors.New("read cpu time: short stat")
+	}
+	ut, err1 := strconv.ParseFloat(f[11], 64)
+	st, err2 := strconv.ParseFloat(f[12], 64)
+	if err1 != nil || err2 != nil {
+		return 0, errors.New("read cpu time: bad utime/stime")
+	}
+	return (ut + st) / 100, nil
+}

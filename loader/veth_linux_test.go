@@ -1,0 +1,284 @@
+//go:build linux
+
+package loader
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/xderp/xderp/userspace/stun"
+	"github.com/xderp/xderp/vmtest/guest"
+)
+
+// vethEnv is a client namespace and a server namespace joined by a veth
+// pair; the test creates both and deletes them in Cleanup.
+type vethEnv struct {
+	t            *testing.T
+	cliNS, srvNS string
+	cliIf, srvIf string
+	cli4, srv4   netip.Addr
+	cli6, srv6   netip.Addr
+	pinDir       string
+	srvHandle    netns.NsHandle
+	cliHandle    netns.NsHandle
+}
+
+// privateBPFFS mounts a bpf filesystem of the test's own (the host's
+// /sys/fs/bpf is left alone) and unmounts it in Cleanup.
+func privateBPFFS(t *testing.T) string {
+	dir := filepath.Join(t.TempDir(), "bpffs")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("bpf", dir, "bpf", 0, ""); err != nil {
+		guest.SkipMissingFeature(t, "bpffs", err.Error())
+	}
+	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+	return dir
+}
+
+func sh(t *testing.T, args ...string) {
+	t.Helper()
+	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+		t.Fatalf("%v: %v\n%s", args, err, out)
+	}
+}
+
+func newVethEnv(t *testing.T) *vethEnv {
+	guest.RequireRoot(t)
+	for _, tool := range []string{"ip", "ethtool"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			guest.Skip(t, tool+" not installed (apt-get install iproute2 ethtool)")
+		}
+	}
+	var rb [3]byte
+	rand.Read(rb[:])
+	id := hex.EncodeToString(rb[:])
+	e := &vethEnv{
+		t: t, cliNS: "xdc" + id, srvNS: "xds" + id, cliIf: "xc" + id, srvIf: "xs" + id,
+		cli4: netip.MustParseAddr("10.201.0.1"), srv4: netip.MustParseAddr("10.201.0.2"),
+		cli6: netip.MustParseAddr("fd00:201::1"), srv6: netip.MustParseAddr("fd00:201::2"),
+	}
+	e.pinDir = privateBPFFS(t) + "/" + e.srvIf
+	sh(t, "ip", "netns", "add", e.cliNS)
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", e.cliNS).Run() })
+	sh(t, "ip", "netns", "add", e.srvNS)
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", e.srvNS).Run() })
+	t.Cleanup(func() { Detach(e.srvIf, e.pinDir) })
+	sh(t, "ip", "link", "add", e.cliIf, "netns", e.cliNS, "type", "veth", "peer", "name", e.srvIf, "netns", e.srvNS)
+	for _, c := range []struct{ ns, ifc, a4, a6 string }{{e.cliNS, e.cliIf, "10.201.0.1/24", "fd00:201::1/64"}, {e.srvNS, e.srvIf, "10.201.0.2/24", "fd00:201::2/64"}} {
+		sh(t, "ip", "-n", c.ns, "addr", "add", c.a4, "dev", c.ifc)
+		sh(t, "ip", "-n", c.ns, "addr", "add", c.a6, "dev", c.ifc, "nodad")
+		sh(t, "ip", "-n", c.ns, "link", "set", c.ifc, "up")
+		sh(t, "ip", "-n", c.ns, "link", "set", "lo", "up")
+		// Local sockets leave UDP checksums partial on veth: the program
+		// (like a NIC on the wire) needs full ones.
+		sh(t, "ip", "netns", "exec", c.ns, "ethtool", "-K", c.ifc, "tx", "off")
+	}
+	var err error
+	if e.srvHandle, err = netns.GetFromName(e.srvNS); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.srvHandle.Close() })
+	if e.cliHandle, err = netns.GetFromName(e.cliNS); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.cliHandle.Close() })
+	// Native XDP_TX on veth needs a program on the peer too.
+	e.in(e.cliHandle, func() {
+		prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{Type: ebpf.XDP, License: "BSD",
+			Instructions: asm.Instructions{asm.LoadImm(asm.R0, 2, asm.DWord), asm.Return()}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ifc, err := net.InterfaceByName(e.cliIf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		l, err := link.AttachXDP(link.XDPOptions{Program: prog, Interface: ifc.Index})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { l.Close(); prog.Close() })
+	})
+	return e
+}
+
+// in runs f with the calling thread in namespace h.
+func (e *vethEnv) in(h netns.NsHandle, f func()) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer orig.Close()
+	if err := netns.Set(h); err != nil {
+		e.t.Fatal(err)
+	}
+	defer netns.Set(orig)
+	f()
+}
+
+func (e *vethEnv) attach(cfg Config) *XDP {
+	var x *XDP
+	var err error
+	e.in(e.srvHandle, func() { x, err = Attach(e.srvIf, ModeAuto, cfg, e.pinDir) })
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return x
+}
+
+// client returns a UDP socket in the client namespace connected to dst.
+func (e *vethEnv) client(dst netip.AddrPort) *net.UDPConn {
+	var c *net.UDPConn
+	var err error
+	e.in(e.cliHandle, func() { c, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(dst)) })
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// exchange sends one binding request and checks the answer byte for byte.
+func exchange(c *net.UDPConn, timeout time.Duration) error {
+	var tx stun.TxID
+	rand.Read(tx[:])
+	if _, err := c.Write(stun.AppendRequest(nil, tx)); err != nil {
+		return err
+	}
+	c.SetReadDeadline(time.Now().Add(timeout))
+	buf := make([]byte, 1500)
+	n, err := c.Read(buf)
+	if err != nil {
+		return err
+	}
+	want := stun.AppendResponse(nil, tx, netip.MustParseAddrPort(c.LocalAddr().String()))
+	if !bytes.Equal(buf[:n], want) {
+		return fmt.Errorf("response %x, want %x", buf[:n], want)
+	}
+	return nil
+}
+
+func counterOf(t *testing.T, x *XDP, key string) uint64 {
+	return counterMap(t, x)[key].Packets
+}
+
+func TestVethSTUN(t *testing.T) {
+	e := newVethEnv(t)
+	x := e.attach(Config{})
+	defer x.Close()
+	t.Logf("attached in %v mode", x.Mode())
+	for _, fam := range []struct {
+		af  string
+		dst netip.Addr
+	}{{"ipv4", e.srv4}, {"ipv6", e.srv6}} {
+		c := e.client(netip.AddrPortFrom(fam.dst, 3478))
+		before := counterOf(t, x, fam.af+"/tx/stun_answered")
+		const n = 20
+		for i := range n {
+			// Nothing listens on 3478 in the server namespace: only XDP can answer.
+			if err := exchange(c, 2*time.Second); err != nil {
+				t.Fatalf("%s request %d: %v", fam.af, i, err)
+			}
+		}
+		if d := counterOf(t, x, fam.af+"/tx/stun_answered") - before; d != n {
+			t.Errorf("%s: stun_answered moved by %d, want %d", fam.af, d, n)
+		}
+	}
+}
+
+// TestVethAdoptReplaceDetach restarts the "daemon" (Close, Attach) three
+// times while a STUN loop runs: no response may be lost, counters survive;
+// then Detach removes everything and STUN goes unanswered.
+func TestVethAdoptReplaceDetach(t *testing.T) {
+	e := newVethEnv(t)
+	x := e.attach(Config{})
+	mode := x.Mode()
+	c := e.client(netip.AddrPortFrom(e.srv4, 3478))
+	if err := exchange(c, 2*time.Second); err != nil {
+		t.Fatal(err)
+	}
+
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var answered int
+	var loopErr error
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		deadline := time.Now().Add(20 * time.Second)
+		for time.Now().Before(deadline) {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if err := exchange(c, time.Second); err != nil {
+				loopErr = err
+				return
+			}
+			answered++
+		}
+	}()
+	for range 3 {
+		x.Close()
+		x = e.attach(Config{})
+		if x.Mode() != mode {
+			t.Errorf("adopted link reports mode %v, was %v", x.Mode(), mode)
+		}
+	}
+	close(stop)
+	wg.Wait()
+	if loopErr != nil {
+		t.Fatalf("STUN loop lost a response after %d: %v", answered, loopErr)
+	}
+	got := counterOf(t, x, "ipv4/tx/stun_answered")
+	if got != uint64(answered)+1 {
+		t.Errorf("pinned counter says %d answered, client saw %d", got, answered+1)
+	}
+	x.Close()
+
+	if err := Detach(e.srvIf, e.pinDir); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(e.pinDir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("pin directory still there: %v", err)
+	}
+	e.in(e.srvHandle, func() {
+		l, err := netlink.LinkByName(e.srvIf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if l.Attrs().Xdp != nil && l.Attrs().Xdp.Attached {
+			t.Errorf("program still attached after Detach (id %d)", l.Attrs().Xdp.ProgId)
+		}
+	})
+	if err := exchange(c, 300*time.Millisecond); err == nil {
+		t.Error("STUN answered after Detach")
+	}
+	if err := Detach(e.srvIf, e.pinDir); err != nil {
+		t.Errorf("second Detach: %v", err)
+	}
+}

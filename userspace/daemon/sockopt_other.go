@@ -1,0 +1,16 @@
+//go:build !linux
+
+package daemon
+
+import (
+	"syscall"
+	"time"
+)
+
+type syscallRawConn = syscall.RawConn
+
+func setUserTimeout(c syscall.RawConn, d time.Duration) error { return nil }
+
+func openFDs() float64 { return 0 }
+
+func residentBytes() float64 { return 0 }
