@@ -13,6 +13,11 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type XderpScratch struct {
+	_ structs.HostLayout
+	B [264]uint8
+}
+
 type XderpXderpAf uint32
 
 const (
@@ -117,6 +122,7 @@ const (
 	XderpMapXderpCounters = "xderp_counters"
 	XderpMapXderpExemptV4 = "xderp_exempt_v4"
 	XderpMapXderpExemptV6 = "xderp_exempt_v6"
+	XderpMapXderpScratch  = "xderp_scratch"
 	XderpMapXderpShapeV4  = "xderp_shape_v4"
 	XderpMapXderpShapeV6  = "xderp_shape_v6"
 	XderpProgXderpXdp     = "xderp_xdp"
@@ -178,6 +184,7 @@ type XderpMapSpecs struct {
 	XderpCounters *ebpf.MapSpec `ebpf:"xderp_counters"`
 	XderpExemptV4 *ebpf.MapSpec `ebpf:"xderp_exempt_v4"`
 	XderpExemptV6 *ebpf.MapSpec `ebpf:"xderp_exempt_v6"`
+	XderpScratch  *ebpf.MapSpec `ebpf:"xderp_scratch"`
 	XderpShapeV4  *ebpf.MapSpec `ebpf:"xderp_shape_v4"`
 	XderpShapeV6  *ebpf.MapSpec `ebpf:"xderp_shape_v6"`
 }
@@ -215,6 +222,7 @@ type XderpMaps struct {
 	XderpCounters *ebpf.Map `ebpf:"xderp_counters"`
 	XderpExemptV4 *ebpf.Map `ebpf:"xderp_exempt_v4"`
 	XderpExemptV6 *ebpf.Map `ebpf:"xderp_exempt_v6"`
+	XderpScratch  *ebpf.Map `ebpf:"xderp_scratch"`
 	XderpShapeV4  *ebpf.Map `ebpf:"xderp_shape_v4"`
 	XderpShapeV6  *ebpf.Map `ebpf:"xderp_shape_v6"`
 }
@@ -224,6 +232,7 @@ func (m *XderpMaps) Close() error {
 		m.XderpCounters,
 		m.XderpExemptV4,
 		m.XderpExemptV6,
+		m.XderpScratch,
 		m.XderpShapeV4,
 		m.XderpShapeV6,
 	)

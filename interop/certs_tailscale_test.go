@@ -4,9 +4,8 @@ package interop
 // certificates with tailscale.com/net/tlsdial) against userspace/certs:
 // pinned self-signed certificates, ACME certificates from Pebble, TLS 1.3
 // fast start through the meta certificate, TLS 1.2, and manual reload under
-// live traffic. The DERP handler behind the TLS listener is Tailscale's
-// derpserver, so these tests isolate the certificate side; the relay's own
-// interop tests cover xderp's handler.
+// live traffic. The DERP handler behind the TLS listener is xderp's own
+// relay core (userspace/derpserver), as in the daemon.
 
 import (
 	"bytes"
@@ -31,18 +30,20 @@ import (
 	"testing"
 	"time"
 
+	"go4.org/mem"
 	"tailscale.com/derp"
 	"tailscale.com/derp/derphttp"
-	"tailscale.com/derp/derpserver"
 	"tailscale.com/net/netmon"
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
 
 	"github.com/xderp/xderp/userspace/certs"
+	xderp "github.com/xderp/xderp/userspace/derp"
+	"github.com/xderp/xderp/userspace/derpserver"
 	"github.com/xderp/xderp/userspace/metrics"
 )
 
-// certsDerpSite is a DERP server (Tailscale's handler) behind a certs.Provider.
+// certsDerpSite is a DERP server (xderp's relay core) behind a certs.Provider.
 type certsDerpSite struct {
 	srv      *derpserver.Server
 	port     int
@@ -65,10 +66,16 @@ func (s *certsDerpSite) seen() []certsDerpRequest {
 // and serves DERP on a loopback TLS listener.
 func certsStartDERPSite(t *testing.T, cfg certs.Config, ln net.Listener) (*certsDerpSite, *certs.Provider) {
 	t.Helper()
-	priv := key.NewNode()
-	srv := derpserver.New(priv, certsQuietLogf)
+	priv, err := xderp.NewPrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := derpserver.New(derpserver.Options{PrivateKey: priv})
+	if err != nil {
+		t.Fatal(err)
+	}
 	t.Cleanup(func() { srv.Close() })
-	cfg.DERPPublicKey = priv.Public().Raw32()
+	cfg.DERPPublicKey = priv.Public()
 	if cfg.Metrics == nil {
 		cfg.Metrics = metrics.NewRegistry()
 	}
@@ -78,7 +85,7 @@ func certsStartDERPSite(t *testing.T, cfg certs.Config, ln net.Listener) (*certs
 	}
 	t.Cleanup(func() { p.Close() })
 	site := &certsDerpSite{srv: srv, port: ln.Addr().(*net.TCPAddr).Port}
-	h := derpserver.Handler(srv)
+	h := srv
 	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/derp" && r.TLS != nil {
 			site.fastMu.Lock()
@@ -198,7 +205,7 @@ func TestCertsTailscalePinnedSelfSigned(t *testing.T) {
 			t.Errorf("request %d: fast start %v over %s", i, r.fastStart, tls.VersionName(r.version))
 		}
 	}
-	if a.ServerPublicKey() != site.srv.PublicKey() {
+	if pub := site.srv.PublicKey(); a.ServerPublicKey() != key.NodePublicFromRaw32(mem.B(pub[:])) {
 		t.Error("client learned a different server key")
 	}
 

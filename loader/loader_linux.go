@@ -12,6 +12,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/rlimit"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
@@ -56,6 +57,10 @@ func Attach(iface string, mode Mode, cfg Config, pinDir string) (*XDP, error) {
 	}
 	if err := ensureBPFFS(pinDir); err != nil {
 		return nil, err
+	}
+	// A no-op on kernels that account BPF memory to the cgroup (5.11+).
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return nil, fmt.Errorf("loader: raise memlock limit: %w", err)
 	}
 	x := &XDP{iface: iface, pinDir: pinDir}
 	if err := x.load(cfg); err != nil {

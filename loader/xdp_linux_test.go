@@ -196,7 +196,13 @@ func TestPacketTable(t *testing.T) {
 			before := counterMap(t, x)
 			ret, out := run(t, x, tc.frame)
 			if ret != want.action {
-				t.Fatalf("action %d, want %d (%s)", ret, want.action, tc.reason)
+				var moved []string
+				for k, c := range counterMap(t, x) {
+					if c.Packets != before[k].Packets {
+						moved = append(moved, k)
+					}
+				}
+				t.Fatalf("action %d, want %d (%s); counted %v", ret, want.action, tc.reason, moved)
 			}
 			if !bytes.Equal(out, want.out) {
 				t.Fatalf("output\n got %x\nwant %x", out, want.out)

@@ -36,6 +36,15 @@ func run(args []string) int {
 		fmt.Println(daemon.Version)
 		return 0
 	}
+	if cfg.PrintDERPMap {
+		js, err := daemon.DERPMapJSON(cfg)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "xderpd: -print-derpmap:", err)
+			return 1
+		}
+		fmt.Println(string(js))
+		return 0
+	}
 	if cfg.XDPDetach {
 		iface, err := daemon.DetachXDP(cfg)
 		if err != nil {

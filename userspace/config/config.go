@@ -27,6 +27,7 @@ const (
 	DevAddr          = "127.0.0.1:3340"
 	DevSTUNAddr      = "127.0.0.1"
 	DefaultKeyPath   = "/var/lib/xderp/derper.key"
+	DefaultCertDir   = "/var/lib/xderp/certs"
 	DefaultPinRoot   = "/sys/fs/bpf/xderp"
 	DefaultWriteWait = 2 * time.Second
 )
@@ -165,7 +166,7 @@ func NewFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 	fs.BoolVar(&c.PrintVersion, "version", false, "print the version and exit")
 	fs.StringVar(&c.Hostname, "hostname", "", "TLS host name (a DNS name, or an IP address for a self-signed certificate with -certmode=manual)")
 	fs.StringVar(&c.CertMode, "certmode", "letsencrypt", "certificate mode: letsencrypt (ACME) or manual")
-	fs.StringVar(&c.CertDir, "certdir", defaultCertDir(), "ACME cache directory, or where manual <hostname>.crt/.key live")
+	fs.StringVar(&c.CertDir, "certdir", DefaultCertDir, "ACME cache directory, or where manual <hostname>.crt/.key live")
 	fs.StringVar(&c.ACMEDirectory, "acme-directory", "", "ACME directory URL (default Let's Encrypt)")
 	fs.StringVar(&c.ACMEEmail, "acme-email", "", "ACME account contact e-mail")
 	fs.StringVar(&c.EABKeyID, "acme-eab-kid", "", "ACME External Account Binding key ID")
@@ -531,11 +532,4 @@ func parsePrefixes(s string) ([]netip.Prefix, error) {
 		out = append(out, p.Masked())
 	}
 	return out, nil
-}
-
-func defaultCertDir() string {
-	if d, err := os.UserCacheDir(); err == nil {
-		return d + "/xderp/certs"
-	}
-	return ""
 }

@@ -21,9 +21,11 @@ import (
 	"time"
 
 	"github.com/xderp/xderp/loader"
+	"github.com/xderp/xderp/userspace/certs"
 	"github.com/xderp/xderp/userspace/config"
 	"github.com/xderp/xderp/userspace/derp"
 	"github.com/xderp/xderp/userspace/derpserver"
+	"github.com/xderp/xderp/userspace/mesh"
 	"github.com/xderp/xderp/userspace/metrics"
 	"github.com/xderp/xderp/userspace/stunserver"
 )
@@ -41,8 +43,15 @@ type Daemon struct {
 	derp    *derpserver.Server
 	stun    *stunserver.Server
 	tlsConf *tls.Config
+	certs   *certs.Provider
+	mesh    *mesh.Mesh
+
+	// ctx lives as long as the daemon; Shutdown cancels it.
+	ctx    context.Context
+	cancel context.CancelFunc
 
 	metricsAllow atomic.Pointer[[]netip.Prefix]
+	reloadMu     sync.Mutex // serialises XDP configuration updates
 
 	xdp      *loader.XDP
 	xdpIface string
@@ -74,6 +83,7 @@ func New(cfg *config.Config, opts Options) (*Daemon, error) {
 		return nil, err
 	}
 	d := &Daemon{cfg: cfg, log: opts.Logger, reg: metrics.NewRegistry(), tlsConf: opts.TLSConfig, errc: make(chan error, 4), started: time.Now()}
+	d.ctx, d.cancel = context.WithCancel(context.Background())
 	if d.log == nil {
 		d.log = slog.Default()
 	}
@@ -83,6 +93,11 @@ func New(cfg *config.Config, opts Options) (*Daemon, error) {
 	}
 	d.key = key
 	d.metricsAllow.Store(&cfg.MetricsAllow)
+	if cfg.TLS() && d.tlsConf == nil {
+		if d.certs, err = newCertProvider(cfg, key, d.log, d.reg); err != nil {
+			return nil, err
+		}
+	}
 	d.registerProcessMetrics()
 	d.accepted = d.reg.Counter("tls_listener_accepted_connections", "Connections accepted by the main listener (within -accept-connection-limit).")
 	d.rejected = d.reg.Counter("tls_listener_rejected_connections", "Connections closed at once for exceeding -accept-connection-limit.")
@@ -107,6 +122,19 @@ func New(cfg *config.Config, opts Options) (*Daemon, error) {
 		})
 		if err != nil {
 			return nil, fmt.Errorf("derp server: %w", err)
+		}
+		if len(cfg.MeshWith) > 0 {
+			d.mesh, err = mesh.New(mesh.Options{
+				Server:     d.derp,
+				PrivateKey: key,
+				MeshKey:    meshKey,
+				Peers:      cfg.MeshWith,
+				Logger:     d.log.With("component", "mesh"),
+				Metrics:    d.reg,
+			})
+			if err != nil {
+				return nil, fmt.Errorf("-mesh-with: %w", err)
+			}
 		}
 	}
 	if cfg.RunSTUN {
@@ -162,11 +190,13 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 	}
 	d.ln = newLimitedListener(ln, cfg.AcceptLimit, cfg.AcceptBurst, d.accepted, d.rejected)
 	scheme := "http"
-	if d.tlsConf != nil {
+	switch {
+	case d.certs != nil:
+		d.ln = d.certs.WrapListener(d.ln) // handshakes counted and bounded
+		scheme = "https"
+	case d.tlsConf != nil:
 		d.ln = tls.NewListener(d.ln, d.tlsConf)
 		scheme = "https"
-	} else if cfg.TLS() {
-		return errors.New("-certmode: TLS certificates are not available in this build; use a port other than 443 for plain HTTP")
 	}
 	d.srv = &http.Server{
 		Handler:           d.mux(),
@@ -175,6 +205,25 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 		ErrorLog:          slog.NewLogLogger(d.log.Handler(), slog.LevelDebug),
 	}
 	d.serve(d.srv, d.ln)
+	if addr := cfg.HTTPAddr(); addr != "" && (d.certs != nil || d.tlsConf != nil) {
+		if d.ln80, err = listenTCP(ctx, addr, cfg.TCPKeepAlive, cfg.TCPUserTimeout); err != nil {
+			return fmt.Errorf("-http-port: listen %s: %w", addr, err)
+		}
+		h := port80Handler()
+		if d.certs != nil {
+			h = d.certs.HTTPHandler(h) // ACME HTTP-01 challenges
+		}
+		d.srv80 = &http.Server{Handler: h, ReadTimeout: 30 * time.Second, WriteTimeout: 5 * time.Minute,
+			ErrorLog: slog.NewLogLogger(d.log.Handler(), slog.LevelDebug)}
+		d.serve(d.srv80, d.ln80)
+	}
+	if d.certs != nil {
+		go func() {
+			if err := d.certs.Prefetch(ctx); err != nil {
+				d.log.Error("certificate not obtained yet; handshakes will retry", "err", err)
+			}
+		}()
+	}
 
 	if err := d.startXDP(); err != nil {
 		return err
@@ -182,6 +231,12 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 	if cfg.RunSTUN {
 		if err := d.stun.Start(ctx, cfg.STUNAddr(), cfg.STUNSockets); err != nil {
 			return fmt.Errorf("-stun-port: %w", err)
+		}
+	}
+	if d.mesh != nil {
+		d.mesh.Start(d.ctx)
+		if d.xdp != nil {
+			go d.refreshMeshExemptions()
 		}
 	}
 	d.log.Info("xderpd serving",
@@ -231,6 +286,7 @@ func (d *Daemon) mux() *http.ServeMux {
 // the serving goroutines (bounded by ctx).
 func (d *Daemon) Shutdown(ctx context.Context) error {
 	notifySystemd("STOPPING=1")
+	d.cancel()
 	var errs []error
 	for _, s := range []*http.Server{d.srv, d.srv80} {
 		if s != nil {
@@ -238,6 +294,12 @@ func (d *Daemon) Shutdown(ctx context.Context) error {
 				errs = append(errs, err)
 			}
 		}
+	}
+	if d.certs != nil {
+		d.certs.Close()
+	}
+	if d.mesh != nil {
+		d.mesh.Close()
 	}
 	if d.derp != nil {
 		if err := d.derp.Close(); err != nil {
@@ -300,16 +362,58 @@ func notifySystemd(state string) {
 
 // meshPeerAddrs returns the addresses of the region's mesh peers, which are
 // exempt from XDP shaping.
-func (d *Daemon) meshPeerAddrs() []netip.Addr { return nil }
+func (d *Daemon) meshPeerAddrs() []netip.Addr {
+	if d.mesh == nil {
+		return nil
+	}
+	return d.mesh.PeerAddrs()
+}
+
+// refreshMeshExemptions keeps the XDP exemption table in step with mesh peers
+// whose DNS names resolve to new addresses.
+func (d *Daemon) refreshMeshExemptions() {
+	t := time.NewTicker(30 * time.Second)
+	defer t.Stop()
+	last := fmt.Sprint(d.meshPeerAddrs())
+	for {
+		select {
+		case <-d.ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := fmt.Sprint(d.meshPeerAddrs())
+		if now == last {
+			continue
+		}
+		d.reloadMu.Lock()
+		err := d.xdp.Update(d.loaderConfig())
+		d.reloadMu.Unlock()
+		if err != nil {
+			d.log.Error("mesh peers changed but the XDP exemptions could not be updated", "err", err)
+			continue
+		}
+		last = now
+		d.log.Info("XDP exemptions follow the mesh peers", "peers", now)
+	}
+}
 
 // Reload applies what can change without a restart (SIGHUP): the shaping
 // limits, exemptions and drop-STUN switch of the XDP program, and who may
 // read /metrics. Everything else in next takes effect at the next start.
 func (d *Daemon) Reload(next *config.Config) {
+	d.reloadMu.Lock()
+	defer d.reloadMu.Unlock()
 	d.cfg.Shaping = next.Shaping
 	d.cfg.XDPDropSTUN = next.XDPDropSTUN
 	d.metricsAllow.Store(&next.MetricsAllow)
 	applied := []string{"metrics-allow"}
+	if d.certs != nil && d.cfg.CertMode == "manual" {
+		if err := d.certs.Reload(); err != nil {
+			d.log.Error("reload: certificate refused, the previous one stays in use", "err", err)
+		} else {
+			applied = append(applied, "certificate")
+		}
+	}
 	if d.xdp != nil {
 		if err := d.xdp.Update(d.loaderConfig()); err != nil {
 			d.log.Error("reload: XDP configuration refused, the previous one stays", "err", err)

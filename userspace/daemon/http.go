@@ -137,10 +137,10 @@ func metricsAllowed(r *http.Request, allow []netip.Prefix) bool {
 }
 
 // port80Handler serves the plain-HTTP listener that runs alongside TLS:
-// /generate_204 directly, ACME HTTP-01 challenges through acme (if any),
-// everything else redirected to HTTPS.
-func port80Handler(acme func(http.Handler) http.Handler) http.Handler {
-	redirect := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+// /generate_204 directly, everything else redirected to HTTPS. ACME HTTP-01
+// challenges are answered in front of it by the certificate provider.
+func port80Handler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/generate_204" {
 			generate204(w, r)
 			return
@@ -155,8 +155,4 @@ func port80Handler(acme func(http.Handler) http.Handler) http.Handler {
 		}
 		http.Redirect(w, r, "https://"+host+r.URL.RequestURI(), http.StatusFound)
 	})
-	if acme == nil {
-		return redirect
-	}
-	return acme(redirect)
 }

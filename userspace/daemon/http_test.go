@@ -107,7 +107,7 @@ func TestMetricsAccess(t *testing.T) {
 }
 
 func TestPort80(t *testing.T) {
-	h := port80Handler(nil)
+	h := port80Handler()
 	rec := httptest.NewRecorder()
 	h.ServeHTTP(rec, httptest.NewRequest("GET", "http://derp.example.com/derp?x=1", nil))
 	if rec.Code != 302 || rec.Header().Get("Location") != "https://derp.example.com/derp?x=1" {

@@ -166,6 +166,7 @@ type Options struct {
 	Dir       string        // where the key file and log go (required)
 	ReadyWait time.Duration // how long to wait for /derp/probe; default 20s
 	ExtraArgs []string      // appended to the command line
+	Port      int           // DERP port to use (0: a free one, retried on a clash)
 }
 
 // Start runs bin (built for k) on free loopback ports and waits until GET
@@ -187,6 +188,9 @@ func Start(k Kind, bin string, o Options) (*Server, error) {
 		port, sport, err := FreePort(o.Host)
 		if err != nil {
 			return nil, err
+		}
+		if o.Port != 0 {
+			port = o.Port
 		}
 		s := &Server{Kind: k, Host: o.Host, Port: port, STUNPort: sport, Key: priv,
 			LogPath: keyPath + fmt.Sprintf(".%d.log", attempt), done: make(chan struct{})}

@@ -271,7 +271,7 @@ func runGuest(ctx context.Context, cfg Config, p *Prepared, bins []TestBinary, t
 	kr.Console = tail(boot.Console, 40)
 	switch {
 	case errors.Is(err, ErrGuestTimeout):
-		where := "before it booted (no output on the result port)"
+		where := "before init reported: the kernel did not get to userspace (see the console)"
 		if gr.Booted {
 			where = "after it booted"
 			if n := len(gr.Binaries); n > 0 {
@@ -281,7 +281,7 @@ func runGuest(ctx context.Context, cfg Config, p *Prepared, bins []TestBinary, t
 				}
 			}
 		}
-		kr.Err = fmt.Errorf("kernel %s: %w (%s): %v", p.Name, ErrGuestTimeout, where, err)
+		kr.Err = fmt.Errorf("kernel %s: %w (%s)", p.Name, err, where)
 	case err != nil:
 		kr.Err = fmt.Errorf("kernel %s: %w", p.Name, err)
 	case !gr.Booted:
@@ -304,6 +304,10 @@ func runHost(ctx context.Context, cfg Config, p *Prepared, bins []TestBinary, te
 	defer func() { kr.Elapsed = time.Since(start) }()
 	if os.Geteuid() != 0 {
 		kr.Err = fmt.Errorf("kernel host: the tests must run as root on the host (run as root, or pick VM kernels with -kernel)")
+		return kr
+	}
+	if _, err := exec.LookPath("unshare"); err != nil {
+		kr.Err = fmt.Errorf("kernel host: needs unshare (package util-linux) to give the tests a private bpffs: %w", err)
 		return kr
 	}
 	env, err := guestEnv(cfg, p.Kernel)

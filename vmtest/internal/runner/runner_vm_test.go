@@ -135,3 +135,22 @@ func TestBrokenProgramFailsHostRun(t *testing.T) {
 		t.Errorf("binaries = %+v, want one failing", b)
 	}
 }
+
+// A plain skip (not a matrix-declared missing feature) fails the run even
+// though the binary exits 0.
+func TestUndeclaredSkipFailsHostRun(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("runs test binaries on the host kernel, which needs root")
+	}
+	rep := runSelftest(t, "host", func(c *Config) {
+		c.Env = []string{"XDERP_SELFTEST_BADSKIP=1"}
+		c.Run = "TestKernelFeatures"
+	})
+	if rep.OK() {
+		t.Fatalf("the run passed with an undeclared skip:\n%s", rep.Markdown())
+	}
+	b := rep.Results[0].Binaries
+	if len(b) != 1 || b[0].Exit != 0 || len(b[0].BadSkips) != 1 || b[0].BadSkips[0] != "TestKernelFeatures" {
+		t.Errorf("binaries = %+v, want one exiting 0 with TestKernelFeatures as a bad skip", b)
+	}
+}

@@ -1,0 +1,108 @@
+package interop
+
+// The daemon itself over TLS: xderpd with -certmode manual and an IP host
+// name generates a self-signed certificate; -print-derpmap prints the node
+// with its sha256-raw pin; Tailscale's derphttp clients connect with exactly
+// that DERP map node and exchange packets (TLS 1.3 with fast start, and 1.2).
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"tailscale.com/tailcfg"
+
+	"github.com/xderp/xderp/interop/internal/target"
+)
+
+func TestDaemonTLSPinnedSelfSigned(t *testing.T) {
+	if kind != target.Xderpd {
+		t.Skip("xderpd's own TLS front; the reference has no hot-reloadable manual mode")
+	}
+	dir := t.TempDir()
+	port, sport, err := target.FreePort("127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"-a", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), "-certmode", "manual",
+		"-hostname", "127.0.0.1", "-certdir", filepath.Join(dir, "certs"), "-c", filepath.Join(dir, "key"),
+		"-stun-port", strconv.Itoa(sport), "-http-port", "-1", "-xdp", "off"}
+	out, err := exec.Command(binPath, append(args, "-print-derpmap")...).Output()
+	if err != nil {
+		t.Fatalf("-print-derpmap: %v", err)
+	}
+	var dm tailcfg.DERPMap
+	if err := json.Unmarshal(out, &dm); err != nil {
+		t.Fatalf("-print-derpmap output is not a DERP map: %v\n%s", err, out)
+	}
+	node := dm.Regions[900].Nodes[0]
+	if node.CertName == "" || node.DERPPort != port || node.IPv4 != "127.0.0.1" {
+		t.Fatalf("DERP map node %+v", node)
+	}
+	node.IPv6 = "none"
+
+	cmd := exec.Command(binPath, args...)
+	logf, _ := os.Create(filepath.Join(dir, "log"))
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait(); logf.Close() })
+	waitHTTPS(t, "https://"+net.JoinHostPort("127.0.0.1", strconv.Itoa(port))+"/derp/probe")
+
+	a, aKey, err := certsDerpClient(t, node, nil)
+	if err != nil {
+		t.Fatalf("client with the printed pin: %v", err)
+	}
+	b, bKey, err := certsDerpClient(t, node, &tls.Config{MaxVersion: tls.VersionTLS12})
+	if err != nil {
+		t.Fatalf("TLS 1.2 client: %v", err)
+	}
+	if v := certsTlsState(t, a).Version; v != tls.VersionTLS13 {
+		t.Errorf("a negotiated %s", tls.VersionName(v))
+	}
+	if v := certsTlsState(t, b).Version; v != tls.VersionTLS12 {
+		t.Errorf("b negotiated %s", tls.VersionName(v))
+	}
+	if _, err := certsExchange(a, aKey, b, "1.3 to 1.2"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := certsExchange(b, bKey, a, "1.2 to 1.3"); err != nil {
+		t.Fatal(err)
+	}
+	// The certificate (and so the pin) survives a restart: the same node
+	// is printed again.
+	out2, err := exec.Command(binPath, append(args, "-print-derpmap")...).Output()
+	if err != nil || string(out2) != string(out) {
+		t.Errorf("DERP map changed across runs: %v\n%s\n%s", err, out, out2)
+	}
+}
+
+func waitHTTPS(t *testing.T, url string) {
+	t.Helper()
+	c := &http.Client{Timeout: time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for ctx.Err() == nil {
+		resp, err := c.Get(url)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return
+			}
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	t.Fatalf("%s not ready", url)
+}

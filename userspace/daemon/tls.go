@@ -1,0 +1,86 @@
+package daemon
+
+import (
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strconv"
+
+	"github.com/xderp/xderp/userspace/certs"
+	"github.com/xderp/xderp/userspace/config"
+	"github.com/xderp/xderp/userspace/derp"
+	"github.com/xderp/xderp/userspace/metrics"
+)
+
+func newCertProvider(cfg *config.Config, key derp.PrivateKey, log *slog.Logger, reg *metrics.Registry) (*certs.Provider, error) {
+	p, err := certs.New(certs.Config{
+		Mode:          cfg.CertMode,
+		Dir:           cfg.CertDir,
+		Hostname:      cfg.Hostname,
+		ACMEDirectory: cfg.ACMEDirectory,
+		ACMEEmail:     cfg.ACMEEmail,
+		EABKeyID:      cfg.EABKeyID,
+		EABKey:        cfg.EABKey,
+		DERPPublicKey: key.Public(),
+		Logger:        log.With("component", "tls"),
+		Metrics:       reg,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("-certmode=%s: %w", cfg.CertMode, err)
+	}
+	return p, nil
+}
+
+// DERPMapJSON returns this node's DERP map (one region, one node) for
+// -print-derpmap: host name, addresses, ports and, for a self-signed
+// certificate, the CertName that pins it.
+func DERPMapJSON(cfg *config.Config) ([]byte, error) {
+	key, err := loadKey(cfg)
+	if err != nil {
+		return nil, err
+	}
+	info := certs.NodeInfo{IPs: nodeAddrs(cfg), STUNPort: cfg.STUNPort, HTTPPort: cfg.HTTPPort}
+	if !cfg.RunSTUN && cfg.XDP == config.XDPOff {
+		info.STUNPort = -1
+	}
+	_, port, _ := net.SplitHostPort(cfg.Addr)
+	info.DERPPort, _ = strconv.Atoi(port)
+	if !cfg.TLS() {
+		// A plain-HTTP lab node: clients reach it only with InsecureForTests.
+		node := map[string]any{"Name": "900a", "RegionID": 900, "HostName": cfg.ListenHost(), "DERPPort": info.DERPPort,
+			"STUNPort": info.STUNPort, "InsecureForTests": true}
+		for _, a := range info.IPs {
+			if a.Is4() {
+				node["IPv4"] = a.String()
+			} else {
+				node["IPv6"] = a.String()
+			}
+		}
+		return json.MarshalIndent(map[string]any{"Regions": map[string]any{"900": map[string]any{
+			"RegionID": 900, "RegionCode": "xderp", "RegionName": "xderp (plain HTTP, tests only)", "Nodes": []any{node}}}}, "", "  ")
+	}
+	p, err := newCertProvider(cfg, key, slog.New(slog.DiscardHandler), metrics.NewRegistry())
+	if err != nil {
+		return nil, err
+	}
+	defer p.Close()
+	return certs.DERPMapJSON(p.DERPMapNode(info), "", "")
+}
+
+// nodeAddrs returns the addresses clients should dial: the -a host if it
+// names one, else this machine's global unicast addresses.
+func nodeAddrs(cfg *config.Config) []netip.Addr {
+	if a, err := netip.ParseAddr(cfg.ListenHost()); err == nil && !a.IsUnspecified() {
+		return []netip.Addr{a}
+	}
+	var out []netip.Addr
+	addrs, _ := net.InterfaceAddrs()
+	for _, a := range addrs {
+		if p, err := netip.ParsePrefix(a.String()); err == nil && p.Addr().IsGlobalUnicast() {
+			out = append(out, p.Addr())
+		}
+	}
+	return out
+}
