@@ -126,6 +126,7 @@ type sclient struct {
 	// Writer-owned (one writer at a time). sawSrc is written only with
 	// Server.mu held, so others may read it under Server.mu.
 	sawSrc       map[derp.PublicKey]*keyEntry
+	pendingSrc   map[derp.PublicKey]struct{} // keys in Server.pendingRecv for this conn; written with Server.mu held
 	lastSrcEntry *keyEntry
 	deadlineSet  time.Time // when the write deadline was last moved
 }
@@ -857,6 +858,37 @@ func (c *sclient) writeBatch(bufp *[]byte, b *writeBatch) (pkts, bytes uint64, e
 	return pkts, bytes, err
 }
 
+// notePendingSrc records a forwarded-in packet from a key this node does
+// not know yet (see Server.pendingRecv).
+func (c *sclient) notePendingSrc(k derp.PublicKey) {
+	if _, ok := c.pendingSrc[k]; ok {
+		return
+	}
+	s := c.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if c.unregistered {
+		return
+	}
+	if c.pendingSrc == nil {
+		c.pendingSrc = make(map[derp.PublicKey]struct{})
+	}
+	c.pendingSrc[k] = struct{}{}
+	if cur := s.keys[k]; cur != nil { // learned meanwhile
+		if cur.receivers == nil {
+			cur.receivers = make(map[*sclient]struct{})
+		}
+		cur.receivers[c] = struct{}{}
+		return
+	}
+	m := s.pendingRecv[k]
+	if m == nil {
+		m = make(map[*sclient]struct{})
+		s.pendingRecv[k] = m
+	}
+	m[c] = struct{}{}
+}
+
 // noteSrc records that this connection received from p.src, so it gets
 // PeerGone when p.src leaves the region.
 func (c *sclient) noteSrc(p *packet) {
@@ -867,7 +899,8 @@ func (c *sclient) noteSrc(p *packet) {
 	if e == nil {
 		e = c.s.lookup(p.src) // forwarded-in packet
 		if e == nil {
-			return // not known yet; try again on the next packet
+			c.notePendingSrc(p.src)
+			return
 		}
 	}
 	c.lastSrcEntry = e
