@@ -345,11 +345,10 @@ func TestRegionPeerDeathAndHeal(t *testing.T) {
 	ca := dialClient(t, a, mustKey(t), derp.MeshKey{})
 	cb := dialClient(t, b, mustKey(t), derp.MeshKey{})
 	ca2 := dialClient(t, a, mustKey(t), derp.MeshKey{})
-	// First a->b: a has then learned cb from b's watch stream, so the
-	// packets ca receives from cb come from a key a knows (a relay only
-	// sends PeerGone for keys whose departure it sees).
-	reachT(t, ca, cb, 10*time.Second)
+	// cb->ca first: cb's packets may reach a before a has learned cb from
+	// b's watch stream; a must still report cb gone later.
 	reachT(t, cb, ca, 10*time.Second) // ca has now received from cb
+	reachT(t, ca, cb, 10*time.Second)
 
 	b.kill()
 	f, err := ca.next(derp.FramePeerGone, 10*time.Second)
