@@ -100,9 +100,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } xderp_exempt_v6 SEC(".maps");
 
-/* Scratch copy of a UDP datagram for the general STUN path. Not pinned. */
+/*
+ * Scratch copy of a UDP datagram for the general STUN path. Not pinned. 512
+ * bytes although at most 8 + STUN_MAX are used: sizes are masked right before
+ * each helper call (SIZE_BOUNDED), because older verifiers (6.1) lose the
+ * bounds of a checked value that the compiler spilled to the stack.
+ */
 struct scratch {
-	__u8 b[8 + STUN_MAX];
+	__u8 b[512];
 };
 
 struct {
@@ -449,16 +454,16 @@ static __always_inline __u32 stun_general(struct xdp_md *ctx, __u32 af, __u64 ud
 	struct scratch *s = bpf_map_lookup_elem(&xderp_scratch, &zero);
 	if (!s)
 		return XDERP_REASON_INTERNAL;
-	/* Checked by the caller; repeated on the very register the helpers get. */
-	__u64 size = n + 8;
-	barrier_var(size);
-	if (size > sizeof(s->b))
-		return XDERP_REASON_STUN_MALFORMED;
-	if (bpf_xdp_load_bytes(ctx, udp_off, s->b, size))
+	/*
+	 * n <= STUN_MAX and n % 4 == 0 (checked by the caller), so the mask
+	 * changes nothing; it tells the verifier size is in [4, 512].
+	 */
+#define SIZE_BOUNDED(n) ((((n) + 8 - 4) & 0x1fc) + 4)
+	if (bpf_xdp_load_bytes(ctx, udp_off, s->b, SIZE_BOUNDED(n)))
 		return XDERP_REASON_TRUNCATED;
 
 	if (check_csum) {
-		__s64 c = bpf_csum_diff(0, 0, (void *)s->b, size, 0);
+		__s64 c = bpf_csum_diff(0, 0, (void *)s->b, SIZE_BOUNDED(n), 0);
 		if (c < 0 || csum_fold(pseudo + (__u32)c) != 0xffff)
 			return XDERP_REASON_UDP_CSUM;
 	}
