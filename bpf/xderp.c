@@ -361,6 +361,29 @@ static __always_inline __u32 crc_word(__u32 crc, __u32 w)
 	       crc_table[1][(crc >> 16) & 0xff] ^ crc_table[0][crc >> 24];
 }
 
+/*
+ * LPM keys are written as 4-byte words through a volatile pointer: the 6.1
+ * verifier refuses (without CAP_PERFMON) a narrower store into a stack slot
+ * that holds a spilled 8-byte value, which is what clang makes of
+ * "struct key k = {.prefixlen = 32}; memcpy(k.addr, ...)".
+ */
+static __always_inline void lpm4_key(struct xderp_lpm_v4 *k, __u32 addr)
+{
+	volatile __u32 *w = (volatile __u32 *)k;
+	w[0] = 32;
+	w[1] = addr;
+}
+
+static __always_inline void lpm6_key(struct xderp_lpm_v6 *k, const __u32 *addr)
+{
+	volatile __u32 *w = (volatile __u32 *)k;
+	w[0] = 128;
+	w[1] = addr[0];
+	w[2] = addr[1];
+	w[3] = addr[2];
+	w[4] = addr[3];
+}
+
 /* GCRA: admit one unit of cost if the source is at most tau ahead of now. */
 static __always_inline int gcra_ok(__u64 tat, __u64 now, __u64 tau)
 {
@@ -711,8 +734,8 @@ static __always_inline int handle_v4(struct xdp_md *ctx, const __u32 l3, __u64 l
 		if (!port_in(cfg->derp_ports, bpf_ntohs(dport)))
 			return PASS(TCP_OTHER_PORT);
 		__u32 key = ip->saddr;
-		struct xderp_lpm_v4 ek = {.prefixlen = 32};
-		__builtin_memcpy(ek.addr, &key, 4);
+		struct xderp_lpm_v4 ek;
+		lpm4_key(&ek, key);
 		return shape_tcp(af, len, flags, &xderp_shape_v4, &key, &xderp_exempt_v4, &ek);
 	}
 	if (ip->protocol != IPPROTO_UDP)
@@ -752,8 +775,8 @@ static __always_inline int handle_v4(struct xdp_md *ctx, const __u32 l3, __u64 l
 	__u32 r = stun_check(ctx, af, udp, end, l3 + 20, ulen - 8, pseudo);
 	if (r != XDERP_REASON_MAX)
 		return done(af, XDERP_VERDICT_PASS, r, len);
-	struct xderp_lpm_v4 ek = {.prefixlen = 32};
-	__builtin_memcpy(ek.addr, &saddr, 4);
+	struct xderp_lpm_v4 ek;
+	lpm4_key(&ek, saddr);
 	if (stun_limited(&xderp_shape_v4, &saddr, &xderp_exempt_v4, &ek))
 		return done(af, XDERP_VERDICT_DROP, XDERP_REASON_STUN_RATE, len);
 
@@ -806,8 +829,8 @@ static __always_inline int handle_v6(struct xdp_md *ctx, const __u32 l3, __u64 l
 	/* The shaping key: the source /64. */
 	__u64 key;
 	__builtin_memcpy(&key, &ip6->saddr, 8);
-	struct xderp_lpm_v6 ek = {.prefixlen = 128};
-	__builtin_memcpy(ek.addr, &ip6->saddr, 16);
+	struct xderp_lpm_v6 ek;
+	lpm6_key(&ek, (const __u32 *)&ip6->saddr);
 
 	if (nexthdr == IPPROTO_UDP) {
 		struct udphdr *udp = (void *)(ip6 + 1);
