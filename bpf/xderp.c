@@ -362,25 +362,28 @@ static __always_inline __u32 crc_word(__u32 crc, __u32 w)
 }
 
 /*
- * LPM keys are written as 4-byte words through a volatile pointer: the 6.1
- * verifier refuses (without CAP_PERFMON) a narrower store into a stack slot
- * that holds a spilled 8-byte value, which is what clang makes of
- * "struct key k = {.prefixlen = 32}; memcpy(k.addr, ...)".
+ * LPM keys live 8-byte aligned on the stack and are written as 4-byte words
+ * through a volatile pointer, the words in the second half of an 8-byte slot
+ * first: the 6.1 verifier refuses (without CAP_PERFMON) any narrower store
+ * into a slot that already holds a spilled value, which is what clang makes
+ * of "struct key k = {.prefixlen = 32}; memcpy(k.addr, ...)".
  */
+#define LPM_KEY __attribute__((aligned(8)))
+
 static __always_inline void lpm4_key(struct xderp_lpm_v4 *k, __u32 addr)
 {
 	volatile __u32 *w = (volatile __u32 *)k;
-	w[0] = 32;
 	w[1] = addr;
+	w[0] = 32;
 }
 
 static __always_inline void lpm6_key(struct xderp_lpm_v6 *k, const __u32 *addr)
 {
 	volatile __u32 *w = (volatile __u32 *)k;
-	w[0] = 128;
 	w[1] = addr[0];
-	w[2] = addr[1];
 	w[3] = addr[2];
+	w[0] = 128;
+	w[2] = addr[1];
 	w[4] = addr[3];
 }
 
@@ -734,7 +737,7 @@ static __always_inline int handle_v4(struct xdp_md *ctx, const __u32 l3, __u64 l
 		if (!port_in(cfg->derp_ports, bpf_ntohs(dport)))
 			return PASS(TCP_OTHER_PORT);
 		__u32 key = ip->saddr;
-		struct xderp_lpm_v4 ek;
+		struct xderp_lpm_v4 ek LPM_KEY;
 		lpm4_key(&ek, key);
 		return shape_tcp(af, len, flags, &xderp_shape_v4, &key, &xderp_exempt_v4, &ek);
 	}
@@ -775,7 +778,7 @@ static __always_inline int handle_v4(struct xdp_md *ctx, const __u32 l3, __u64 l
 	__u32 r = stun_check(ctx, af, udp, end, l3 + 20, ulen - 8, pseudo);
 	if (r != XDERP_REASON_MAX)
 		return done(af, XDERP_VERDICT_PASS, r, len);
-	struct xderp_lpm_v4 ek;
+	struct xderp_lpm_v4 ek LPM_KEY;
 	lpm4_key(&ek, saddr);
 	if (stun_limited(&xderp_shape_v4, &saddr, &xderp_exempt_v4, &ek))
 		return done(af, XDERP_VERDICT_DROP, XDERP_REASON_STUN_RATE, len);
@@ -829,7 +832,7 @@ static __always_inline int handle_v6(struct xdp_md *ctx, const __u32 l3, __u64 l
 	/* The shaping key: the source /64. */
 	__u64 key;
 	__builtin_memcpy(&key, &ip6->saddr, 8);
-	struct xderp_lpm_v6 ek;
+	struct xderp_lpm_v6 ek LPM_KEY;
 	lpm6_key(&ek, (const __u32 *)&ip6->saddr);
 
 	if (nexthdr == IPPROTO_UDP) {
