@@ -100,9 +100,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } xderp_exempt_v6 SEC(".maps");
 
-/* Scratch copy of a UDP datagram for the general STUN path. Not pinned. */
+/*
+ * Scratch copy of a UDP datagram for the general STUN path. Not pinned. 512
+ * bytes although at most 8 + STUN_MAX are used: sizes are masked right before
+ * each helper call (SIZE_BOUNDED), because older verifiers (6.1) lose the
+ * bounds of a checked value that the compiler spilled to the stack.
+ */
 struct scratch {
-	__u8 b[8 + STUN_MAX];
+	__u8 b[512];
 };
 
 struct {
@@ -356,6 +361,32 @@ static __always_inline __u32 crc_word(__u32 crc, __u32 w)
 	       crc_table[1][(crc >> 16) & 0xff] ^ crc_table[0][crc >> 24];
 }
 
+/*
+ * LPM keys live 8-byte aligned on the stack and are written as 4-byte words
+ * through a volatile pointer, the words in the second half of an 8-byte slot
+ * first: the 6.1 verifier refuses (without CAP_PERFMON) any narrower store
+ * into a slot that already holds a spilled value, which is what clang makes
+ * of "struct key k = {.prefixlen = 32}; memcpy(k.addr, ...)".
+ */
+#define LPM_KEY __attribute__((aligned(8)))
+
+static __always_inline void lpm4_key(struct xderp_lpm_v4 *k, __u32 addr)
+{
+	volatile __u32 *w = (volatile __u32 *)k;
+	w[1] = addr;
+	w[0] = 32;
+}
+
+static __always_inline void lpm6_key(struct xderp_lpm_v6 *k, const __u32 *addr)
+{
+	volatile __u32 *w = (volatile __u32 *)k;
+	w[1] = addr[0];
+	w[3] = addr[2];
+	w[0] = 128;
+	w[2] = addr[1];
+	w[4] = addr[3];
+}
+
 /* GCRA: admit one unit of cost if the source is at most tau ahead of now. */
 static __always_inline int gcra_ok(__u64 tat, __u64 now, __u64 tau)
 {
@@ -449,16 +480,16 @@ static __always_inline __u32 stun_general(struct xdp_md *ctx, __u32 af, __u64 ud
 	struct scratch *s = bpf_map_lookup_elem(&xderp_scratch, &zero);
 	if (!s)
 		return XDERP_REASON_INTERNAL;
-	/* Checked by the caller; repeated on the very register the helpers get. */
-	__u64 size = n + 8;
-	barrier_var(size);
-	if (size > sizeof(s->b))
-		return XDERP_REASON_STUN_MALFORMED;
-	if (bpf_xdp_load_bytes(ctx, udp_off, s->b, size))
+	/*
+	 * n <= STUN_MAX and n % 4 == 0 (checked by the caller), so the mask
+	 * changes nothing; it tells the verifier size is in [4, 512].
+	 */
+#define SIZE_BOUNDED(n) ((((n) + 8 - 4) & 0x1fc) + 4)
+	if (bpf_xdp_load_bytes(ctx, udp_off, s->b, SIZE_BOUNDED(n)))
 		return XDERP_REASON_TRUNCATED;
 
 	if (check_csum) {
-		__s64 c = bpf_csum_diff(0, 0, (void *)s->b, size, 0);
+		__s64 c = bpf_csum_diff(0, 0, (void *)s->b, SIZE_BOUNDED(n), 0);
 		if (c < 0 || csum_fold(pseudo + (__u32)c) != 0xffff)
 			return XDERP_REASON_UDP_CSUM;
 	}
@@ -706,8 +737,8 @@ static __always_inline int handle_v4(struct xdp_md *ctx, const __u32 l3, __u64 l
 		if (!port_in(cfg->derp_ports, bpf_ntohs(dport)))
 			return PASS(TCP_OTHER_PORT);
 		__u32 key = ip->saddr;
-		struct xderp_lpm_v4 ek = {.prefixlen = 32};
-		__builtin_memcpy(ek.addr, &key, 4);
+		struct xderp_lpm_v4 ek LPM_KEY;
+		lpm4_key(&ek, key);
 		return shape_tcp(af, len, flags, &xderp_shape_v4, &key, &xderp_exempt_v4, &ek);
 	}
 	if (ip->protocol != IPPROTO_UDP)
@@ -747,8 +778,8 @@ static __always_inline int handle_v4(struct xdp_md *ctx, const __u32 l3, __u64 l
 	__u32 r = stun_check(ctx, af, udp, end, l3 + 20, ulen - 8, pseudo);
 	if (r != XDERP_REASON_MAX)
 		return done(af, XDERP_VERDICT_PASS, r, len);
-	struct xderp_lpm_v4 ek = {.prefixlen = 32};
-	__builtin_memcpy(ek.addr, &saddr, 4);
+	struct xderp_lpm_v4 ek LPM_KEY;
+	lpm4_key(&ek, saddr);
 	if (stun_limited(&xderp_shape_v4, &saddr, &xderp_exempt_v4, &ek))
 		return done(af, XDERP_VERDICT_DROP, XDERP_REASON_STUN_RATE, len);
 
@@ -801,8 +832,8 @@ static __always_inline int handle_v6(struct xdp_md *ctx, const __u32 l3, __u64 l
 	/* The shaping key: the source /64. */
 	__u64 key;
 	__builtin_memcpy(&key, &ip6->saddr, 8);
-	struct xderp_lpm_v6 ek = {.prefixlen = 128};
-	__builtin_memcpy(ek.addr, &ip6->saddr, 16);
+	struct xderp_lpm_v6 ek LPM_KEY;
+	lpm6_key(&ek, (const __u32 *)&ip6->saddr);
 
 	if (nexthdr == IPPROTO_UDP) {
 		struct udphdr *udp = (void *)(ip6 + 1);

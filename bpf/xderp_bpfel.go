@@ -15,7 +15,7 @@ import (
 
 type XderpScratch struct {
 	_ structs.HostLayout
-	B [264]uint8
+	B [512]uint8
 }
 
 type XderpXderpAf uint32

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"os"
 	"regexp"
 	"strings"
 	"testing"
@@ -15,6 +14,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/rlimit"
 
+	"github.com/xderp/xderp/bpf"
 	"github.com/xderp/xderp/userspace/stun"
 	"github.com/xderp/xderp/vmtest/guest"
 )
@@ -231,17 +231,14 @@ func TestPacketTable(t *testing.T) {
 
 // TestLabelTables checks the Go label tables against the enums of xderp.h.
 func TestLabelTables(t *testing.T) {
-	h, err := os.ReadFile("../bpf/xderp.h")
-	if err != nil {
-		t.Fatal(err)
-	}
+	h := bpf.Header
 	for _, tc := range []struct {
 		prefix string
 		labels []string
 	}{{"XDERP_AF_", afLabels}, {"XDERP_VERDICT_", verdictLabels}, {"XDERP_REASON_", reasonLabels}} {
 		re := regexp.MustCompile(`(?m)^\s*` + tc.prefix + `([A-Z0-9_]+),`)
 		var got []string
-		for _, m := range re.FindAllStringSubmatch(string(h), -1) {
+		for _, m := range re.FindAllStringSubmatch(h, -1) {
 			got = append(got, strings.ToLower(m[1]))
 		}
 		if len(got) == 0 || got[len(got)-1] != "max" {

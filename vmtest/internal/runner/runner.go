@@ -166,6 +166,10 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	if err != nil {
 		return nil, err
 	}
+	srcDirs, err := SourceDirs(ctx, cfg.ModuleRoot, bins)
+	if err != nil {
+		return nil, err
+	}
 	rep := &Report{}
 	for _, b := range bins {
 		rep.Packages = append(rep.Packages, b.ImportPath)
@@ -191,7 +195,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		if p.Source.Type == SourceHost {
 			kr = runHost(ctx, cfg, p, bins, testArgs)
 		} else {
-			kr = runGuest(ctx, cfg, p, bins, testArgs, applets, work)
+			kr = runGuest(ctx, cfg, p, bins, srcDirs, testArgs, applets, work)
 		}
 		status := "PASS"
 		if !kr.OK() {
@@ -226,7 +230,7 @@ func guestEnv(cfg Config, k Kernel) (map[string]string, error) {
 	return env, nil
 }
 
-func runGuest(ctx context.Context, cfg Config, p *Prepared, bins []TestBinary, testArgs, applets []string, work string) (kr KernelResult) {
+func runGuest(ctx context.Context, cfg Config, p *Prepared, bins []TestBinary, srcDirs, testArgs, applets []string, work string) (kr KernelResult) {
 	kr = KernelResult{Kernel: p.Kernel, Release: p.Release}
 	start := time.Now()
 	defer func() { kr.Elapsed = time.Since(start) }()
@@ -253,6 +257,7 @@ func runGuest(ctx context.Context, cfg Config, p *Prepared, bins []TestBinary, t
 	initrd := filepath.Join(dir, "initramfs.cpio")
 	img := Image{
 		Busybox: cfg.Busybox, Applets: applets, Modules: mods, Tools: tools,
+		ModuleRoot: cfg.ModuleRoot, SourceDirs: srcDirs,
 		Plan: GuestPlan{Env: env, Binaries: bins, TestArgs: testArgs, FullOutput: cfg.Verbose},
 	}
 	if err := WriteInitramfs(ctx, initrd, img); err != nil {
