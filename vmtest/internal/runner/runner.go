@@ -204,9 +204,9 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	var wg sync.WaitGroup
 	for i, p := range prepared {
 		wg.Add(1)
+		sem <- struct{}{} // taken here, so kernels start in matrix order
 		go func() {
 			defer wg.Done()
-			sem <- struct{}{}
 			defer func() { <-sem }()
 			if ctx.Err() != nil {
 				results[i] = KernelResult{Kernel: p.Kernel, Err: ctx.Err()}
