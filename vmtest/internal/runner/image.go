@@ -53,6 +53,8 @@ func InitScript(p GuestPlan) string {
 	w("mount -t sysfs sysfs /sys")
 	w("mount -t devtmpfs devtmpfs /dev")
 	w("mkdir -p /dev/pts /dev/shm")
+	w("mount -t devpts devpts /dev/pts 2>/dev/null")
+	w("mount -t tmpfs tmpfs /dev/shm")
 	w("mount -t tmpfs tmpfs /tmp")
 	w("mount -t tmpfs tmpfs /run")
 	w("mount -t bpf bpf /sys/fs/bpf")

@@ -350,6 +350,18 @@ func TestReplaceTable(t *testing.T) {
 	if _, err := ReplaceTable("no markers", "t"); err == nil {
 		t.Error("a document without markers was accepted")
 	}
+	// Markers quoted in prose are not markers.
+	prose := "use `" + TableBegin + "` and `" + TableEnd + "`\n"
+	got, err = ReplaceTable(prose+doc, "| new |\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != prose+want {
+		t.Errorf("with markers in prose: got %q, want %q", got, prose+want)
+	}
+	if _, err := ReplaceTable(prose, "t"); err == nil {
+		t.Error("markers only in prose were accepted")
+	}
 }
 
 func TestMarkdownTable(t *testing.T) {
