@@ -53,6 +53,12 @@
 #define barrier_var(var) asm volatile("" : "+r"(var))
 #endif
 
+/*
+ * A conditional jump to the next instruction: does nothing, but gives the
+ * verifier a place to prune (it only compares states where jumps land).
+ */
+#define PRUNE_POINT(var) asm volatile("if %0 == 0 goto +0" ::"r"(var))
+
 /* Defaults: STUN on UDP 3478, shaping off. The loader overwrites all of it. */
 struct xderp_config xderp_cfg = {
 	.stun_ports = {3478, 0, 0, 0},
@@ -617,20 +623,18 @@ static __always_inline __u32 stun_check(struct xdp_md *ctx, __u32 af, struct udp
 				return XDERP_REASON_UDP_CSUM;
 		}
 		/*
-		 * A real loop, not straight-line code: without CAP_PERFMON the
-		 * verifier forks a speculative path at every table lookup, and
-		 * only the loop head lets it prune them. The packet pointer is
-		 * stepped by an immediate (indexing with the counter would move
-		 * a pointer by a different register value in each iteration,
-		 * which is refused without CAP_PERFMON).
+		 * Unrolled, with a prune point after each word. Without
+		 * CAP_PERFMON the verifier forks a speculative path at every
+		 * table lookup and can only prune them where a jump lands; a
+		 * loop would do, but 6.1 then also runs the loop body past its
+		 * bound on a speculative path and refuses the packet read.
 		 */
-		__u32 *w = (void *)m, *p = w;
+		__u32 *w = (void *)m;
 		__u32 crc = 0xffffffff;
-#pragma nounroll
+#pragma unroll
 		for (int i = 0; i < 8; i++) {
-			crc = crc_word(crc, *p);
-			p++;
-			barrier_var(p);
+			crc = crc_word(crc, w[i]);
+			PRUNE_POINT(crc);
 		}
 		if ((crc ^ 0xffffffff ^ STUN_FP_XOR) != bpf_ntohl(w[9]))
 			return XDERP_REASON_STUN_FINGERPRINT;
