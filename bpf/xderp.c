@@ -36,7 +36,7 @@
 #include "xderp.h"
 
 #define STUN_HDR 20
-#define STUN_MAX 256      /* stun.MaxRequestLen */
+#define STUN_MAX 128      /* stun.MaxRequestLen */
 #define STUN_MAX_ATTRS 16 /* stun.MaxAttributes */
 #define STUN_COOKIE 0x2112A442
 #define STUN_FP_XOR 0x5354554E
@@ -551,8 +551,10 @@ static __always_inline __u32 stun_general(struct xdp_md *ctx, struct scratch *s,
 #define CRC_8(k)                                                                     \
 	CRC_WORD(k); CRC_WORD(k + 1); CRC_WORD(k + 2); CRC_WORD(k + 3);              \
 	CRC_WORD(k + 4); CRC_WORD(k + 5); CRC_WORD(k + 6); CRC_WORD(k + 7)
-	CRC_8(0); CRC_8(8); CRC_8(16); CRC_8(24); CRC_8(32); CRC_8(40); CRC_8(48);
-	CRC_WORD(56); CRC_WORD(57); CRC_WORD(58); CRC_WORD(59); CRC_WORD(60); CRC_WORD(61);
+	/* (STUN_MAX - 8) / 4 = 30 words at most. */
+	_Static_assert((STUN_MAX - 8) / 4 == 30, "CRC unrolling must match STUN_MAX");
+	CRC_8(0); CRC_8(8); CRC_8(16);
+	CRC_WORD(24); CRC_WORD(25); CRC_WORD(26); CRC_WORD(27); CRC_WORD(28); CRC_WORD(29);
 #undef CRC_8
 #undef CRC_WORD
 crc_done:;
