@@ -15,6 +15,14 @@ import (
 
 type XderpScratch struct {
 	_ structs.HostLayout
+	G struct {
+		_         structs.HostLayout
+		UdpOff    uint64
+		N         uint64
+		Pseudo    uint64
+		Af        uint32
+		CheckCsum uint32
+	}
 	B [512]uint8
 }
 
