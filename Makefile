@@ -11,10 +11,11 @@ FUZZTIME    ?= 5s
 RUN_FLAGS   ?= -dev
 # Debian packages the tests need (installed by `make deps` when missing).
 APT_PKGS    := clang llvm libbpf-dev bpftool iproute2 ethtool util-linux libcap2-bin \
-               qemu-system-x86 busybox-static kmod cpio xz-utils zstd
+               qemu-system-x86 busybox-static kmod cpio xz-utils zstd \
+               mmdebstrap mtools dosfstools fdisk systemd-boot-efi e2fsprogs ovmf python3
 export GOTOOLCHAIN := local
 
-.PHONY: all build run test unit fuzz interop vmtest vmtest-selftest bench lint generate check-generated deps clean
+.PHONY: all build run test unit fuzz interop vmtest vmtest-selftest image image-test bench lint generate check-generated deps clean
 
 all: build
 
@@ -27,7 +28,7 @@ run: build
 # The whole suite: formatting and vet, unit and kernel tests of the main
 # module, a short run of every fuzz target, the interop module against real
 # Tailscale code, and the kernel matrix under QEMU.
-test: deps lint unit fuzz interop vmtest vmtest-selftest
+test: deps lint unit fuzz interop vmtest vmtest-selftest image-test
 
 unit:
 	$(GO) test -count=1 ./...
@@ -57,8 +58,22 @@ vmtest:
 vmtest-selftest:
 	XDERP_VMTEST_BOOT=1 $(GO) test -count=1 ./vmtest/...
 
-bench:
+# The appliance: a raw GPT disk image (and a zstd copy) in appliance-image/out/,
+# and its boot test under QEMU (see appliance-image/README.md).
+image: build
+	appliance-image/build.sh
+
+image-test: image
+	appliance-image/test.sh
+
+# Figures side by side with Tailscale's code (printed, never asserted):
+# relay and STUN against derper, XDP per-packet cost against Tailscale's XDP
+# object, new TLS connections, and mesh forwarding against meshed derpers.
+bench: build
 	cd interop && $(GO) run ./bench
+	cd interop && $(GO) test -count=1 -run '^$$' -bench 'XDPvsTailscale' -benchtime 20000x -v . | grep -v '^=== RUN'
+	cd interop && $(GO) test -count=1 -run '^$$' -bench 'CertsTLSConnVsDerper' -benchtime 1000x -v . | grep -v '^=== RUN'
+	cd interop && $(GO) test -count=1 -run '^$$' -bench 'MeshForward' -benchtime 1x -v . | grep -v '^=== RUN'
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

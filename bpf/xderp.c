@@ -36,7 +36,7 @@
 #include "xderp.h"
 
 #define STUN_HDR 20
-#define STUN_MAX 256      /* stun.MaxRequestLen */
+#define STUN_MAX 128      /* stun.MaxRequestLen */
 #define STUN_MAX_ATTRS 16 /* stun.MaxAttributes */
 #define STUN_COOKIE 0x2112A442
 #define STUN_FP_XOR 0x5354554E
@@ -52,6 +52,12 @@
 #ifndef barrier_var
 #define barrier_var(var) asm volatile("" : "+r"(var))
 #endif
+
+/*
+ * A conditional jump to the next instruction: does nothing, but gives the
+ * verifier a place to prune (it only compares states where jumps land).
+ */
+#define PRUNE_POINT(var) asm volatile("if %0 == 0 goto +0" ::"r"(var))
 
 /* Defaults: STUN on UDP 3478, shaping off. The loader overwrites all of it. */
 struct xderp_config xderp_cfg = {
@@ -100,9 +106,34 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } xderp_exempt_v6 SEC(".maps");
 
-/* Scratch copy of a UDP datagram for the general STUN path. Not pinned. */
+/*
+ * The general STUN path is emitted once, in the program's entry function,
+ * not in each of the four L3 handler copies (it needs no constant offsets,
+ * and four copies of it overflow the 16-bit jump offsets). A handler hands
+ * it over with RET_GENERAL and this. The entry function passes it through the
+ * per-CPU scratch buffer, which makes the values opaque to the verifier: it
+ * then checks the general path once instead of once per handler copy.
+ */
+struct general_req {
+	__u64 udp_off;
+	__u64 n;
+	__u64 pseudo;
+	__u32 af;
+	__u32 check_csum;
+};
+
+#define STUN_NEED_GENERAL (XDERP_REASON_MAX + 1)
+#define RET_GENERAL (-1)
+
+/*
+ * Scratch copy of a UDP datagram for the general STUN path. Not pinned. 512
+ * bytes although at most 8 + STUN_MAX are used: sizes are masked right before
+ * each helper call (SIZE_BOUNDED), because older verifiers (6.1) lose the
+ * bounds of a checked value that the compiler spilled to the stack.
+ */
 struct scratch {
-	__u8 b[8 + STUN_MAX];
+	struct general_req g;
+	__u8 b[512];
 };
 
 struct {
@@ -356,6 +387,32 @@ static __always_inline __u32 crc_word(__u32 crc, __u32 w)
 	       crc_table[1][(crc >> 16) & 0xff] ^ crc_table[0][crc >> 24];
 }
 
+/*
+ * LPM keys live 8-byte aligned on the stack and are written as 4-byte words
+ * through a volatile pointer, the words in the second half of an 8-byte slot
+ * first: the 6.1 verifier refuses (without CAP_PERFMON) any narrower store
+ * into a slot that already holds a spilled value, which is what clang makes
+ * of "struct key k = {.prefixlen = 32}; memcpy(k.addr, ...)".
+ */
+#define LPM_KEY __attribute__((aligned(8)))
+
+static __always_inline void lpm4_key(struct xderp_lpm_v4 *k, __u32 addr)
+{
+	volatile __u32 *w = (volatile __u32 *)k;
+	w[1] = addr;
+	w[0] = 32;
+}
+
+static __always_inline void lpm6_key(struct xderp_lpm_v6 *k, const __u32 *addr)
+{
+	volatile __u32 *w = (volatile __u32 *)k;
+	w[1] = addr[0];
+	w[3] = addr[2];
+	w[0] = 128;
+	w[2] = addr[1];
+	w[4] = addr[3];
+}
+
 /* GCRA: admit one unit of cost if the source is at most tau ahead of now. */
 static __always_inline int gcra_ok(__u64 tat, __u64 now, __u64 tau)
 {
@@ -442,55 +499,65 @@ static __always_inline __u64 eq64(__u64 a, __u64 b)
  * n <= STUN_MAX and n % 4 == 0 (checked by the caller). Returns
  * XDERP_REASON_MAX when the request is to be answered, else the pass reason.
  */
-static __always_inline __u32 stun_general(struct xdp_md *ctx, __u32 af, __u64 udp_off, __u64 n,
-					  __u64 pseudo, int check_csum)
+static __always_inline __u32 stun_general(struct xdp_md *ctx, struct scratch *s, __u64 udp_off,
+					  __u64 n, __u64 pseudo, __u32 check_csum)
 {
-	__u32 zero = 0;
-	struct scratch *s = bpf_map_lookup_elem(&xderp_scratch, &zero);
-	if (!s)
-		return XDERP_REASON_INTERNAL;
-	/* Checked by the caller; repeated on the very register the helpers get. */
-	__u64 size = n + 8;
-	barrier_var(size);
-	if (size > sizeof(s->b))
+	/* Established by the caller; repeated for the verifier (n is opaque here). */
+	if (n < STUN_HDR + 8 || n > STUN_MAX || (n & 3))
 		return XDERP_REASON_STUN_MALFORMED;
-	if (bpf_xdp_load_bytes(ctx, udp_off, s->b, size))
+	/*
+	 * n <= STUN_MAX and n % 4 == 0 (checked by the caller), so the mask
+	 * changes nothing; it tells the verifier size is in [4, 512].
+	 */
+#define SIZE_BOUNDED(n) ((((n) + 8 - 4) & 0x1fc) + 4)
+	if (bpf_xdp_load_bytes(ctx, udp_off, s->b, SIZE_BOUNDED(n)))
 		return XDERP_REASON_TRUNCATED;
 
 	if (check_csum) {
-		__s64 c = bpf_csum_diff(0, 0, (void *)s->b, size, 0);
+		__s64 c = bpf_csum_diff(0, 0, (void *)s->b, SIZE_BOUNDED(n), 0);
 		if (c < 0 || csum_fold(pseudo + (__u32)c) != 0xffff)
 			return XDERP_REASON_UDP_CSUM;
 	}
 
 	/*
 	 * The CRC for step 7, over the n - 8 bytes a FINGERPRINT would cover,
-	 * computed before the walk so that the verifier runs this loop once
-	 * rather than once per way out of the walk. Bit by bit: slow, but this
-	 * path is rare, and table lookups (a pointer moved by data) make the
-	 * verifier fork a speculative path each without CAP_PERFMON. The word
-	 * pointer is stepped by an immediate.
+	 * computed before the walk so that the verifier runs it once rather
+	 * than once per way out of the walk. Bit by bit: slow, but this path is
+	 * rare, and table lookups (a pointer moved by data) make the verifier
+	 * fork a speculative path each without CAP_PERFMON.
 	 */
 	__u64 words = (n - 8) / 4;
-	__u32 crc = 0xffffffff, *p = (__u32 *)(s->b + 8);
-	for (int i = 0; i < (STUN_MAX - 8) / 4; i++) {
-		if (i >= words)
-			break;
-		crc ^= *p;
-#pragma unroll
-		for (int bit = 0; bit < 32; bit++) {
-			/*
-			 * A multiply, not "-low & poly": clang may turn the
-			 * latter into a branch, and recent verifiers fork
-			 * their state on an AND with a [-1, 0] value.
-			 */
-			__u32 low = crc & 1;
-			barrier_var(low);
-			crc = (crc >> 1) ^ (0xEDB88320 * low);
-		}
-		p++;
-		barrier_var(p);
-	}
+	__u32 crc = 0xffffffff;
+	/*
+	 * Unrolled by macro, not a loop: 6.1 without CAP_PERFMON follows a
+	 * loop past its bound on speculative paths until a pointer leaves its
+	 * object, and refuses the program.
+	 */
+#define CRC_WORD(k)                                                              \
+	do {                                                                     \
+		if ((k) >= words)                                                \
+			goto crc_done;                                           \
+		crc ^= *(__u32 *)(s->b + 8 + 4 * (k));                           \
+		_Pragma("unroll") for (int bit = 0; bit < 32; bit++)             \
+		{                                                                \
+			/* A multiply, not "-low & poly": clang may turn the   \
+			 * latter into a branch, and recent verifiers fork     \
+			 * their state on an AND with a [-1, 0] value. */      \
+			__u32 low = crc & 1;                                     \
+			barrier_var(low);                                        \
+			crc = (crc >> 1) ^ (0xEDB88320 * low);                   \
+		}                                                                \
+	} while (0)
+#define CRC_8(k)                                                                     \
+	CRC_WORD(k); CRC_WORD(k + 1); CRC_WORD(k + 2); CRC_WORD(k + 3);              \
+	CRC_WORD(k + 4); CRC_WORD(k + 5); CRC_WORD(k + 6); CRC_WORD(k + 7)
+	/* (STUN_MAX - 8) / 4 = 30 words at most. */
+	_Static_assert((STUN_MAX - 8) / 4 == 30, "CRC unrolling must match STUN_MAX");
+	CRC_8(0); CRC_8(8); CRC_8(16);
+	CRC_WORD(24); CRC_WORD(25); CRC_WORD(26); CRC_WORD(27); CRC_WORD(28); CRC_WORD(29);
+#undef CRC_8
+#undef CRC_WORD
+crc_done:;
 
 	/* Steps 4-6: walk the attributes (at most STUN_MAX_ATTRS). */
 	__u64 m_off = udp_off + 8;
@@ -549,10 +616,11 @@ walked:
  * The STUN checks after the IP and UDP headers were validated. udp points at
  * the UDP header (a constant offset from data), udp_off is that offset, n the
  * message length (udp.len - 8, within the frame), pseudo the checksum sum of
- * the pseudo header. Returns XDERP_REASON_MAX to answer, else a pass reason.
+ * the pseudo header. Returns XDERP_REASON_MAX to answer, STUN_NEED_GENERAL
+ * (with g filled in) for the general path, else a pass reason.
  */
 static __always_inline __u32 stun_check(struct xdp_md *ctx, __u32 af, struct udphdr *udp, void *end,
-					__u64 udp_off, __u64 n, __u64 pseudo)
+					__u64 udp_off, __u64 n, __u64 pseudo, struct general_req *g)
 {
 	__u8 *m = (void *)(udp + 1);
 	/* Steps 1-3 of the acceptance rule (stun.ParseBindingRequest). */
@@ -586,26 +654,30 @@ static __always_inline __u32 stun_check(struct xdp_md *ctx, __u32 af, struct udp
 				return XDERP_REASON_UDP_CSUM;
 		}
 		/*
-		 * A real loop, not straight-line code: without CAP_PERFMON the
-		 * verifier forks a speculative path at every table lookup, and
-		 * only the loop head lets it prune them. The packet pointer is
-		 * stepped by an immediate (indexing with the counter would move
-		 * a pointer by a different register value in each iteration,
-		 * which is refused without CAP_PERFMON).
+		 * Unrolled, with a prune point after each word. Without
+		 * CAP_PERFMON the verifier forks a speculative path at every
+		 * table lookup and can only prune them where a jump lands; a
+		 * loop would do, but 6.1 then also runs the loop body past its
+		 * bound on a speculative path and refuses the packet read.
 		 */
-		__u32 *w = (void *)m, *p = w;
+		__u32 *w = (void *)m;
 		__u32 crc = 0xffffffff;
-#pragma nounroll
+#pragma unroll
 		for (int i = 0; i < 8; i++) {
-			crc = crc_word(crc, *p);
-			p++;
-			barrier_var(p);
+			crc = crc_word(crc, w[i]);
+			PRUNE_POINT(crc);
 		}
 		if ((crc ^ 0xffffffff ^ STUN_FP_XOR) != bpf_ntohl(w[9]))
 			return XDERP_REASON_STUN_FINGERPRINT;
 		return XDERP_REASON_MAX;
 	}
-	return stun_general(ctx, af, udp_off, n, pseudo, check_csum);
+	/* Any other layout: the caller hands it to stun_general (one copy). */
+	g->af = af;
+	g->check_csum = check_csum;
+	g->udp_off = udp_off;
+	g->n = n;
+	g->pseudo = pseudo;
+	return STUN_NEED_GENERAL;
 }
 
 /* The per-source STUN limit (off unless configured). Returns 1 to drop. */
@@ -666,8 +738,108 @@ static __always_inline __u16 udp_csum(__u64 sum, __u32 *w, int words)
 	return c ? c : 0xffff;
 }
 
+/*
+ * Answers a validated IPv4 request (headers at the constant offset l3, not
+ * yet modified): optional per-source limit, resize, rewrite, XDP_TX.
+ */
+static __always_inline int answer_v4(struct xdp_md *ctx, const __u32 l3, __u64 len)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	__u32 af = XDERP_AF_IPV4;
+	struct iphdr *ip = data + l3;
+	struct udphdr *udp = (void *)(ip + 1);
+	if ((void *)(udp + 1) > end)
+		return done(af, XDERP_VERDICT_ABORTED, XDERP_REASON_INTERNAL, len);
+	__u32 saddr = ip->saddr, daddr = ip->daddr;
+	__be16 sport = udp->source, dport = udp->dest;
+	struct xderp_lpm_v4 ek LPM_KEY;
+	lpm4_key(&ek, saddr);
+	if (stun_limited(&xderp_shape_v4, &saddr, &xderp_exempt_v4, &ek))
+		return done(af, XDERP_VERDICT_DROP, XDERP_REASON_STUN_RATE, len);
+
+	/* Resize first: on failure nothing has been changed yet. */
+	if (bpf_xdp_adjust_tail(ctx, (int)(l3 + 20 + 8 + 32) - (int)len))
+		return PASS(STUN_RESIZE);
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	if (data + l3 + 20 + 8 + 32 > end)
+		return done(af, XDERP_VERDICT_ABORTED, XDERP_REASON_INTERNAL, len);
+	swap_mac(data);
+	ip = data + l3;
+	ip->tot_len = bpf_htons(20 + 8 + 32);
+	ip->ttl = 64;
+	ip->saddr = daddr;
+	ip->daddr = saddr;
+	ip->check = 0;
+	__u64 sum = 0;
+#pragma unroll
+	for (int i = 0; i < 5; i++)
+		sum += ((__u32 *)ip)[i];
+	ip->check = ~csum_fold(sum);
+	udp = (void *)(ip + 1);
+	udp->source = dport;
+	udp->dest = sport;
+	udp->len = bpf_htons(8 + 32);
+	udp->check = 0;
+	stun_write((__u8 *)(udp + 1), af, (__u8 *)&saddr, sport);
+	udp->check = udp_csum((__u64)saddr + daddr + bpf_htons(IPPROTO_UDP) + bpf_htons(8 + 32),
+			      (__u32 *)udp, 10);
+	return done(af, XDERP_VERDICT_TX, XDERP_REASON_STUN_ANSWERED, len);
+}
+
+/*
+ * Answers a validated IPv6 request, as answer_v4.
+ */
+static __always_inline int answer_v6(struct xdp_md *ctx, const __u32 l3, __u64 len)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	__u32 af = XDERP_AF_IPV6;
+	struct ipv6hdr *ip6 = data + l3;
+	struct udphdr *udp = (void *)(ip6 + 1);
+	if ((void *)(udp + 1) > end)
+		return done(af, XDERP_VERDICT_ABORTED, XDERP_REASON_INTERNAL, len);
+	__u8 saddr[16], daddr[16];
+	__builtin_memcpy(saddr, &ip6->saddr, 16);
+	__builtin_memcpy(daddr, &ip6->daddr, 16);
+	__be16 sport = udp->source, dport = udp->dest;
+	__u64 key; /* the source /64 */
+	__builtin_memcpy(&key, saddr, 8);
+	struct xderp_lpm_v6 ek LPM_KEY;
+	lpm6_key(&ek, (const __u32 *)saddr);
+	if (stun_limited(&xderp_shape_v6, &key, &xderp_exempt_v6, &ek))
+		return done(af, XDERP_VERDICT_DROP, XDERP_REASON_STUN_RATE, len);
+
+	if (bpf_xdp_adjust_tail(ctx, (int)(l3 + 40 + 8 + 44) - (int)len))
+		return PASS(STUN_RESIZE);
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	if (data + l3 + 40 + 8 + 44 > end)
+		return done(af, XDERP_VERDICT_ABORTED, XDERP_REASON_INTERNAL, len);
+	swap_mac(data);
+	ip6 = data + l3;
+	ip6->payload_len = bpf_htons(8 + 44);
+	ip6->hop_limit = 64;
+	__builtin_memcpy(&ip6->saddr, daddr, 16);
+	__builtin_memcpy(&ip6->daddr, saddr, 16);
+	udp = (void *)(ip6 + 1);
+	udp->source = dport;
+	udp->dest = sport;
+	udp->len = bpf_htons(8 + 44);
+	udp->check = 0;
+	stun_write((__u8 *)(udp + 1), af, saddr, sport);
+	__u64 pseudo = bpf_htonl(IPPROTO_UDP) + (__u64)bpf_htons(8 + 44);
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		pseudo += (__u64)((__u32 *)saddr)[i] + ((__u32 *)daddr)[i];
+	udp->check = udp_csum(pseudo, (__u32 *)udp, 13);
+	return done(af, XDERP_VERDICT_TX, XDERP_REASON_STUN_ANSWERED, len);
+}
+
 /* IPv4; l3 is the constant offset of the IP header (14, or 18 after a VLAN tag). */
-static __always_inline int handle_v4(struct xdp_md *ctx, const __u32 l3, __u64 len)
+static __always_inline int handle_v4(struct xdp_md *ctx, const __u32 l3, __u64 len,
+				     struct general_req *g)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
@@ -706,8 +878,8 @@ static __always_inline int handle_v4(struct xdp_md *ctx, const __u32 l3, __u64 l
 		if (!port_in(cfg->derp_ports, bpf_ntohs(dport)))
 			return PASS(TCP_OTHER_PORT);
 		__u32 key = ip->saddr;
-		struct xderp_lpm_v4 ek = {.prefixlen = 32};
-		__builtin_memcpy(ek.addr, &key, 4);
+		struct xderp_lpm_v4 ek LPM_KEY;
+		lpm4_key(&ek, key);
 		return shape_tcp(af, len, flags, &xderp_shape_v4, &key, &xderp_exempt_v4, &ek);
 	}
 	if (ip->protocol != IPPROTO_UDP)
@@ -741,49 +913,18 @@ static __always_inline int handle_v4(struct xdp_md *ctx, const __u32 l3, __u64 l
 	if (ulen != tot - 20 || ulen < 8)
 		return PASS(UDP_LEN);
 
-	__u32 saddr = ip->saddr, daddr = ip->daddr;
-	__be16 sport = udp->source, dport = udp->dest;
-	__u64 pseudo = (__u64)saddr + daddr + bpf_htons(IPPROTO_UDP) + udp->len;
-	__u32 r = stun_check(ctx, af, udp, end, l3 + 20, ulen - 8, pseudo);
+	__u64 pseudo = (__u64)ip->saddr + ip->daddr + bpf_htons(IPPROTO_UDP) + udp->len;
+	__u32 r = stun_check(ctx, af, udp, end, l3 + 20, ulen - 8, pseudo, g);
+	if (r == STUN_NEED_GENERAL)
+		return RET_GENERAL;
 	if (r != XDERP_REASON_MAX)
 		return done(af, XDERP_VERDICT_PASS, r, len);
-	struct xderp_lpm_v4 ek = {.prefixlen = 32};
-	__builtin_memcpy(ek.addr, &saddr, 4);
-	if (stun_limited(&xderp_shape_v4, &saddr, &xderp_exempt_v4, &ek))
-		return done(af, XDERP_VERDICT_DROP, XDERP_REASON_STUN_RATE, len);
-
-	/* Resize first: on failure nothing has been changed yet. */
-	if (bpf_xdp_adjust_tail(ctx, (int)(l3 + 20 + 8 + 32) - (int)len))
-		return PASS(STUN_RESIZE);
-	data = (void *)(long)ctx->data;
-	end = (void *)(long)ctx->data_end;
-	if (data + l3 + 20 + 8 + 32 > end)
-		return done(af, XDERP_VERDICT_ABORTED, XDERP_REASON_INTERNAL, len);
-	swap_mac(data);
-	ip = data + l3;
-	ip->tot_len = bpf_htons(20 + 8 + 32);
-	ip->ttl = 64;
-	ip->saddr = daddr;
-	ip->daddr = saddr;
-	ip->check = 0;
-	sum = 0;
-#pragma unroll
-	for (int i = 0; i < 5; i++)
-		sum += ((__u32 *)ip)[i];
-	ip->check = ~csum_fold(sum);
-	udp = (void *)(ip + 1);
-	udp->source = dport;
-	udp->dest = sport;
-	udp->len = bpf_htons(8 + 32);
-	udp->check = 0;
-	stun_write((__u8 *)(udp + 1), af, (__u8 *)&saddr, sport);
-	udp->check = udp_csum((__u64)saddr + daddr + bpf_htons(IPPROTO_UDP) + bpf_htons(8 + 32),
-			      (__u32 *)udp, 10);
-	return done(af, XDERP_VERDICT_TX, XDERP_REASON_STUN_ANSWERED, len);
+	return answer_v4(ctx, l3, len);
 }
 
 /* IPv6; l3 is the constant offset of the IPv6 header. */
-static __always_inline int handle_v6(struct xdp_md *ctx, const __u32 l3, __u64 len)
+static __always_inline int handle_v6(struct xdp_md *ctx, const __u32 l3, __u64 len,
+				     struct general_req *g)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
@@ -801,8 +942,8 @@ static __always_inline int handle_v6(struct xdp_md *ctx, const __u32 l3, __u64 l
 	/* The shaping key: the source /64. */
 	__u64 key;
 	__builtin_memcpy(&key, &ip6->saddr, 8);
-	struct xderp_lpm_v6 ek = {.prefixlen = 128};
-	__builtin_memcpy(ek.addr, &ip6->saddr, 16);
+	struct xderp_lpm_v6 ek LPM_KEY;
+	lpm6_key(&ek, (const __u32 *)&ip6->saddr);
 
 	if (nexthdr == IPPROTO_UDP) {
 		struct udphdr *udp = (void *)(ip6 + 1);
@@ -816,44 +957,16 @@ static __always_inline int handle_v6(struct xdp_md *ctx, const __u32 l3, __u64 l
 		if (ulen != plen || ulen < 8)
 			return PASS(UDP_LEN);
 
-		__u8 saddr[16], daddr[16];
-		__builtin_memcpy(saddr, &ip6->saddr, 16);
-		__builtin_memcpy(daddr, &ip6->daddr, 16);
-		__be16 sport = udp->source, dport = udp->dest;
 		__u64 pseudo = bpf_htonl(IPPROTO_UDP) + (__u64)udp->len;
 #pragma unroll
 		for (int i = 0; i < 4; i++)
-			pseudo += (__u64)((__u32 *)saddr)[i] + ((__u32 *)daddr)[i];
-		__u32 r = stun_check(ctx, af, udp, end, l3 + 40, ulen - 8, pseudo);
+			pseudo += (__u64)((__u32 *)&ip6->saddr)[i] + ((__u32 *)&ip6->daddr)[i];
+		__u32 r = stun_check(ctx, af, udp, end, l3 + 40, ulen - 8, pseudo, g);
+		if (r == STUN_NEED_GENERAL)
+			return RET_GENERAL;
 		if (r != XDERP_REASON_MAX)
 			return done(af, XDERP_VERDICT_PASS, r, len);
-		if (stun_limited(&xderp_shape_v6, &key, &xderp_exempt_v6, &ek))
-			return done(af, XDERP_VERDICT_DROP, XDERP_REASON_STUN_RATE, len);
-
-		if (bpf_xdp_adjust_tail(ctx, (int)(l3 + 40 + 8 + 44) - (int)len))
-			return PASS(STUN_RESIZE);
-		data = (void *)(long)ctx->data;
-		end = (void *)(long)ctx->data_end;
-		if (data + l3 + 40 + 8 + 44 > end)
-			return done(af, XDERP_VERDICT_ABORTED, XDERP_REASON_INTERNAL, len);
-		swap_mac(data);
-		ip6 = data + l3;
-		ip6->payload_len = bpf_htons(8 + 44);
-		ip6->hop_limit = 64;
-		__builtin_memcpy(&ip6->saddr, daddr, 16);
-		__builtin_memcpy(&ip6->daddr, saddr, 16);
-		udp = (void *)(ip6 + 1);
-		udp->source = dport;
-		udp->dest = sport;
-		udp->len = bpf_htons(8 + 44);
-		udp->check = 0;
-		stun_write((__u8 *)(udp + 1), af, saddr, sport);
-		pseudo = bpf_htonl(IPPROTO_UDP) + (__u64)bpf_htons(8 + 44);
-#pragma unroll
-		for (int i = 0; i < 4; i++)
-			pseudo += (__u64)((__u32 *)saddr)[i] + ((__u32 *)daddr)[i];
-		udp->check = udp_csum(pseudo, (__u32 *)udp, 13);
-		return done(af, XDERP_VERDICT_TX, XDERP_REASON_STUN_ANSWERED, len);
+		return answer_v6(ctx, l3, len);
 	}
 
 	__be16 dport;
@@ -915,21 +1028,56 @@ int xderp_xdp(struct xdp_md *ctx)
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > end)
 		return PASS(TRUNCATED);
+	struct general_req g = {};
+	int ret;
 	if (eth->h_proto == bpf_htons(ETH_P_8021Q)) {
 		struct vlan_hdr *vlan = (void *)(eth + 1);
 		if ((void *)(vlan + 1) > end)
 			return PASS(TRUNCATED);
 		if (vlan->proto == bpf_htons(ETH_P_IP))
-			return handle_v4(ctx, 18, len);
-		if (vlan->proto == bpf_htons(ETH_P_IPV6))
-			return handle_v6(ctx, 18, len);
+			ret = handle_v4(ctx, 18, len, &g);
+		else if (vlan->proto == bpf_htons(ETH_P_IPV6))
+			ret = handle_v6(ctx, 18, len, &g);
+		else
+			return PASS(NOT_IP);
+	} else if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		ret = handle_v4(ctx, 14, len, &g);
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		ret = handle_v6(ctx, 14, len, &g);
+	} else {
 		return PASS(NOT_IP);
 	}
-	if (eth->h_proto == bpf_htons(ETH_P_IP))
-		return handle_v4(ctx, 14, len);
-	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
-		return handle_v6(ctx, 14, len);
-	return PASS(NOT_IP);
+	if (ret != RET_GENERAL)
+		return ret;
+
+	/* A STUN request in some other layout than Tailscale's. */
+	__u32 zero = 0;
+	struct scratch *s = bpf_map_lookup_elem(&xderp_scratch, &zero);
+	if (!s)
+		return done(g.af, XDERP_VERDICT_PASS, XDERP_REASON_INTERNAL, len);
+	volatile struct general_req *vg = &s->g;
+	vg->udp_off = g.udp_off;
+	vg->n = g.n;
+	vg->pseudo = g.pseudo;
+	vg->af = g.af;
+	vg->check_csum = g.check_csum;
+	__u64 udp_off = vg->udp_off;
+	af = 1 + ((vg->af >> 1) & 1); /* IPv4 (1) or IPv6 (2), opaque */
+	__u32 r = stun_general(ctx, s, udp_off, vg->n, vg->pseudo, vg->check_csum);
+	if (r != XDERP_REASON_MAX)
+		return done(af, XDERP_VERDICT_PASS, r, len);
+	/* Back to constant offsets for the rewrite. */
+	switch (udp_off) {
+	case 14 + 20:
+		return answer_v4(ctx, 14, len);
+	case 18 + 20:
+		return answer_v4(ctx, 18, len);
+	case 14 + 40:
+		return answer_v6(ctx, 14, len);
+	case 18 + 40:
+		return answer_v6(ctx, 18, len);
+	}
+	return done(af, XDERP_VERDICT_ABORTED, XDERP_REASON_INTERNAL, len);
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

@@ -15,7 +15,15 @@ import (
 
 type XderpScratch struct {
 	_ structs.HostLayout
-	B [264]uint8
+	G struct {
+		_         structs.HostLayout
+		UdpOff    uint64
+		N         uint64
+		Pseudo    uint64
+		Af        uint32
+		CheckCsum uint32
+	}
+	B [512]uint8
 }
 
 type XderpXderpAf uint32

@@ -56,9 +56,11 @@ func TestDaemonMeshThreeNodes(t *testing.T) {
 		return dialRegion(t, &regionNode{name: "node" + strconv.Itoa(i), addr: nodes[i].HostPort()}, key.NewNode())
 	}
 	a, b, c := client(0), client(1), client(2)
-	reach(t, a, b, 10*time.Second)
-	reach(t, b, a, 10*time.Second)
-	reach(t, c, a, 10*time.Second)
+	// Every node must have learned every remote client before the checks
+	// below mean anything: reach each pair both ways.
+	for _, p := range [][2]*regionClient{{a, b}, {b, a}, {a, c}, {c, a}, {b, c}, {c, b}} {
+		reach(t, p[0], p[1], 15*time.Second)
+	}
 	exchange(t, a, b, 200)
 	exchange(t, b, a, 200)
 	exchange(t, c, b, 200)

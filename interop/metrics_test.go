@@ -187,3 +187,23 @@ func waitMetric(t *testing.T, ctx context.Context, name string, ok func(float64)
 		}
 	}
 }
+
+// TestNotePreferred: a client's NotePreferred(true) frame is accepted (the
+// connection stays up) and counted in derp_current_home_connections; the
+// gauge drops again when the client leaves.
+func TestNotePreferred(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	p, q := newPeer(t, srv), newPeer(t, srv)
+	syncPeers(t, p, q)
+	p.c.NotePreferred(true)
+	// Pings are handled in order after NotePreferred, so a pong means the
+	// frame was read and the connection survived it.
+	if err := p.c.Ping(ctx); err != nil {
+		t.Fatalf("ping after NotePreferred: %v", err)
+	}
+	var home float64
+	waitMetric(t, ctx, "derp_current_home_connections", func(v float64) bool { home = v; return v >= 1 })
+	p.c.Close()
+	waitMetric(t, ctx, "derp_current_home_connections", func(v float64) bool { return v <= home-1 })
+}

@@ -78,12 +78,14 @@ func TestNonRootCaps(t *testing.T) {
 	}
 }
 
-// TestCapsChild is the unprivileged half of TestNonRootCaps; it runs only
-// when that test starts it.
+// TestCapsChild is the unprivileged half of TestNonRootCaps; it does
+// something only when that test starts it (a helper process, as in os/exec's
+// tests: returning rather than skipping keeps vmtest, where a skip is a
+// failure, happy).
 func TestCapsChild(t *testing.T) {
 	env := os.Getenv("XDERP_CAPS_CHILD")
 	if env == "" {
-		t.Skip("helper process of TestNonRootCaps")
+		return
 	}
 	iface, pinDir, _ := strings.Cut(env, ",")
 	if os.Geteuid() == 0 {

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/xderp/xderp/vmtest/guest"
 )
 
 // TestVethShapingFlood: one source floods a DERP port with TCP segments
@@ -23,21 +25,26 @@ func TestVethShapingFlood(t *testing.T) {
 	e := newVethEnv(t)
 	exemptSrc := netip.MustParseAddr("10.201.0.3")
 	sh(t, "ip", "-n", e.cliNS, "addr", "add", exemptSrc.String()+"/24", "dev", e.cliIf)
+	// The burst is how long the receiving CPU may be busy elsewhere (this
+	// machine is shared) without lowering the admitted average; the window
+	// is long enough that a burst's worth of credit moves the measured rate
+	// by under 7%. Under vmtest (QEMU without KVM) a guest generates a few
+	// thousand packets per second at most and stalls for longer: the limit
+	// is scaled down to stay a flood.
+	pps, burst, window := 3000.0, uint64(1000), 5*time.Second
+	if guest.InVM() {
+		pps, burst, window = 100, 50, 8*time.Second
+	}
 	const (
 		port = 8443
-		pps  = 3000
-		// 100 ms of burst: a receiving CPU busy elsewhere for up to that
-		// long does not lower the admitted average.
-		burst = 300
 		// The flood runs for warmup+window+tail; the rate is measured
 		// over window only, when the burst is spent and every sender runs.
 		warmup = 300 * time.Millisecond
-		window = 1500 * time.Millisecond
 		tail   = 200 * time.Millisecond
 	)
 	x := e.attach(Config{
 		DERPPorts: []uint16{port},
-		Shaping:   Shaping{PPS: pps, Burst: burst},
+		Shaping:   Shaping{PPS: uint64(pps), Burst: burst},
 		Exempt:    []netip.Prefix{netip.PrefixFrom(exemptSrc, 32)},
 	})
 	defer x.Close()
@@ -147,15 +154,21 @@ func TestVethShapingFlood(t *testing.T) {
 	dropped := delta("ipv4/drop/shape_over")
 	exemptPkts := delta("ipv4/pass/exempt")
 	rate := admitted / elapsed.Seconds()
-	t.Logf("shaped source: offered %.0f raw pkt/s + 8 TCP connections, admitted %.0f pkt/s (limit %d, burst %d), dropped %.0f pkt/s; exempt source: %.0f pkt/s, %.1f MB sent in all",
+	t.Logf("shaped source: offered %.0f raw pkt/s + 8 TCP connections, admitted %.0f pkt/s (limit %.0f, burst %d), dropped %.0f pkt/s; exempt source: %.0f pkt/s, %.1f MB sent in all",
 		float64(sent)/elapsed.Seconds(), rate, pps, burst, dropped/elapsed.Seconds(), exemptPkts/elapsed.Seconds(), float64(exemptSent.Load())/1e6)
 	if float64(sent) < 3*pps*elapsed.Seconds() {
 		t.Fatalf("the flood offered only %d packets in %v: not a flood on this machine", sent, elapsed)
 	}
 	if rate < 0.9*pps || rate > 1.1*pps {
-		t.Errorf("shaped source admitted at %.0f pkt/s, want %d ± 10%%", rate, pps)
+		t.Errorf("shaped source admitted at %.0f pkt/s, want %.0f ± 10%%", rate, pps)
 	}
-	if exemptPkts/elapsed.Seconds() < 2*pps {
+	// Exempt packets are never counted against a bucket (they count under
+	// "exempt"); on the host the exempt source also runs far above the limit
+	// (a QEMU guest without KVM has not the CPU for that).
+	if exemptPkts == 0 {
+		t.Error("no packet of the exempt source was seen")
+	}
+	if !guest.InVM() && exemptPkts/elapsed.Seconds() < 2*pps {
 		t.Errorf("exempt source only %.0f pkt/s: it was held back", exemptPkts/elapsed.Seconds())
 	}
 }

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"os"
 	"regexp"
 	"strings"
 	"testing"
@@ -15,6 +14,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/rlimit"
 
+	"github.com/xderp/xderp/bpf"
 	"github.com/xderp/xderp/userspace/stun"
 	"github.com/xderp/xderp/vmtest/guest"
 )
@@ -137,7 +137,8 @@ func packetTable() []pktCase {
 			add("response type", f(frame{payload: mut(func(b []byte) []byte { b[0] = 1; b[1] = 1; return b })}), "pass", "stun_not_binding")
 			add("length field", f(frame{payload: mut(func(b []byte) []byte { b[3] = 24; return b })}), "pass", "stun_malformed")
 			add("length mod 4", f(frame{payload: append(bytes.Clone(req), 0, 0)}), "pass", "stun_malformed")
-			add("too big", f(frame{payload: stunWith(0x8050, strings.Repeat("x", 240))}), "pass", "stun_malformed")
+			add("max size, general path", f(frame{payload: stunWith(0x8050, strings.Repeat("y", stun.MaxRequestLen-44))}), "tx", "stun_answered")
+			add("too big", f(frame{payload: stunWith(0x8050, strings.Repeat("x", stun.MaxRequestLen-40+4))}), "pass", "stun_malformed")
 			add("attr overrun", f(frame{payload: mut(func(b []byte) []byte { b[23] = 0x30; return b })}), "pass", "stun_malformed")
 			add("required attr", f(frame{payload: stunWith(0x0006, "user")}), "pass", "stun_unknown_attr")
 			add("wrong software", f(frame{payload: mut(func(b []byte) []byte { b[31] = 'f'; return b })}), "pass", "stun_not_tailscale")
@@ -231,17 +232,14 @@ func TestPacketTable(t *testing.T) {
 
 // TestLabelTables checks the Go label tables against the enums of xderp.h.
 func TestLabelTables(t *testing.T) {
-	h, err := os.ReadFile("../bpf/xderp.h")
-	if err != nil {
-		t.Fatal(err)
-	}
+	h := bpf.Header
 	for _, tc := range []struct {
 		prefix string
 		labels []string
 	}{{"XDERP_AF_", afLabels}, {"XDERP_VERDICT_", verdictLabels}, {"XDERP_REASON_", reasonLabels}} {
 		re := regexp.MustCompile(`(?m)^\s*` + tc.prefix + `([A-Z0-9_]+),`)
 		var got []string
-		for _, m := range re.FindAllStringSubmatch(string(h), -1) {
+		for _, m := range re.FindAllStringSubmatch(h, -1) {
 			got = append(got, strings.ToLower(m[1]))
 		}
 		if len(got) == 0 || got[len(got)-1] != "max" {

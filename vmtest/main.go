@@ -48,6 +48,7 @@ func run() int {
 		qemu     = flag.String("qemu", "qemu-system-x86_64", "QEMU binary")
 		memMB    = flag.Int("mem", 1024, "guest memory in MiB")
 		cpus     = flag.Int("smp", 2, "guest CPUs")
+		parallel = flag.Int("parallel", 1, "kernels to run at once")
 		verbose  = flag.Bool("v", false, "print every test binary's output and the guest console")
 		keepWork = flag.String("work", "", "keep build products and initramfs in this directory (default: a temp dir, removed)")
 		env      listFlag
@@ -92,7 +93,7 @@ func run() int {
 		ModuleRoot: root, Matrix: m, Kernels: kernels, Packages: patterns, Run: *runRE,
 		Env: env, Timeout: *timeout, Busybox: *busybox, WorkDir: *keepWork,
 		QEMU: runner.QEMUConfig{Binary: *qemu, MemMB: *memMB, CPUs: *cpus},
-		Out:  os.Stdout, Verbose: *verbose,
+		Out:  os.Stdout, Verbose: *verbose, Parallel: *parallel,
 	}
 	if *verbose {
 		cfg.QEMU.Console = os.Stdout

@@ -387,6 +387,7 @@ func throughput(s *target.Server, closed bool) (delivered, offered float64, err 
 	time.Sleep(*flagWarmup) // warm-up
 	before := serverCounters(s)
 	cpu0, _ := s.CPUSeconds()
+	self0 := selfCPU()
 	counting.Store(true)
 	start := time.Now()
 	time.Sleep(*flagDuration) // measuring window
@@ -395,8 +396,11 @@ func throughput(s *target.Server, closed bool) (delivered, offered float64, err 
 	n, m := recvd.Load(), sent.Load()
 	cpu1, _ := s.CPUSeconds()
 	lastCPU = cpu1 - cpu0
+	genCPU := selfCPU() - self0
 	after := serverCounters(s)
-	log.Printf("%s %s: server counted per second: %s", s.Kind, map[bool]string{true: "closed-loop", false: "overload"}[closed], after.rateSince(before, elapsed))
+	log.Printf("%s %s: server counted per second: %s; CPU cores busy: server %.2f, load generator %.2f",
+		s.Kind, map[bool]string{true: "closed-loop", false: "overload"}[closed], after.rateSince(before, elapsed),
+		lastCPU/elapsed.Seconds(), genCPU/elapsed.Seconds())
 	stop.Store(true)
 	close(stopped)
 	for _, c := range append(senders, receivers...) {
@@ -508,6 +512,15 @@ func latency(s *target.Server) (p50, p99 time.Duration, err error) {
 	}
 	slices.Sort(samples)
 	return samples[len(samples)/2], samples[len(samples)*99/100], nil
+}
+
+// selfCPU returns the CPU time (s) the bench process has used.
+func selfCPU() float64 {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
 }
 
 // lastCPU is the server CPU time (s) of the last measured window.
@@ -732,6 +745,7 @@ func stunRate(s *target.Server) (float64, error) {
 	}
 	time.Sleep(*flagWarmup) // warm-up
 	cpu0, _ := s.CPUSeconds()
+	self0 := selfCPU()
 	counting.Store(true)
 	start := time.Now()
 	time.Sleep(*flagDuration) // measuring window
@@ -739,6 +753,7 @@ func stunRate(s *target.Server) (float64, error) {
 	elapsed := time.Since(start)
 	cpu1, _ := s.CPUSeconds()
 	lastCPU = cpu1 - cpu0
+	log.Printf("%s stun: CPU cores busy: server %.2f, load generator %.2f", s.Kind, lastCPU/elapsed.Seconds(), (selfCPU()-self0)/elapsed.Seconds())
 	stop.Store(true)
 	wg.Wait()
 	select {

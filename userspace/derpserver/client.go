@@ -126,13 +126,16 @@ type sclient struct {
 	// Writer-owned (one writer at a time). sawSrc is written only with
 	// Server.mu held, so others may read it under Server.mu.
 	sawSrc       map[derp.PublicKey]*keyEntry
+	pendingSrc   map[derp.PublicKey]struct{} // keys in Server.pendingRecv for this conn; written with Server.mu held
 	lastSrcEntry *keyEntry
+	deadlineSet  time.Time // when the write deadline was last moved
 }
 
 // readLoop reads and dispatches frames until the connection fails.
 func (c *sclient) readLoop(cr *connReader) {
 	s := c.s
 	defer s.wg.Done()
+	cr.onPark = func() { c.stats.flush(&s.m) }
 	err := c.readFrames(cr)
 	cr.close()
 	c.stats.flush(&s.m)
@@ -143,11 +146,15 @@ func (c *sclient) readLoop(cr *connReader) {
 func (c *sclient) readFrames(cr *connReader) error {
 	s := c.s
 	for {
-		if cr.buffered() < derp.FrameHeaderLen {
-			// About to read again: publish our counts, and let writers
-			// run. Under overload a reader always finds data and would
-			// otherwise keep its P for a whole time slice, starving the
-			// writers that deliver what it queued (delivery collapses).
+		if cr.buffered() < derp.FrameHeaderLen && (cr.rc == nil || cr.hot >= 2) {
+			// About to read again without having parked for a while:
+			// publish our counts and let writers run. Under overload a
+			// reader always finds data and would otherwise keep its P for
+			// a whole time slice, starving the writers that deliver what
+			// it queued (delivery collapses). A reader that parks in the
+			// netpoller yields anyway and publishes its counts then
+			// (onPark). Plain reads (TLS) cannot tell, so always yield.
+			cr.hot = 0
 			c.stats.flush(&s.m)
 			runtime.Gosched()
 		}
@@ -741,7 +748,13 @@ func (c *sclient) writeBatch(bufp *[]byte, b *writeBatch) (pkts, bytes uint64, e
 			return nil
 		}
 		if c.writeTimeout > 0 {
-			c.conn.SetWriteDeadline(time.Now().Add(c.writeTimeout))
+			// Re-arming the deadline costs a runtime timer update, so it
+			// is moved only when a quarter of it has passed: each write
+			// gets between 3/4 and all of WriteTimeout.
+			if now := time.Now(); now.Sub(c.deadlineSet) > c.writeTimeout/4 {
+				c.conn.SetWriteDeadline(now.Add(c.writeTimeout))
+				c.deadlineSet = now
+			}
 		}
 		_, err := c.conn.Write(buf)
 		m.writeFlushes.Inc()
@@ -845,6 +858,37 @@ func (c *sclient) writeBatch(bufp *[]byte, b *writeBatch) (pkts, bytes uint64, e
 	return pkts, bytes, err
 }
 
+// notePendingSrc records a forwarded-in packet from a key this node does
+// not know yet (see Server.pendingRecv).
+func (c *sclient) notePendingSrc(k derp.PublicKey) {
+	if _, ok := c.pendingSrc[k]; ok {
+		return
+	}
+	s := c.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if c.unregistered {
+		return
+	}
+	if c.pendingSrc == nil {
+		c.pendingSrc = make(map[derp.PublicKey]struct{})
+	}
+	c.pendingSrc[k] = struct{}{}
+	if cur := s.keys[k]; cur != nil { // learned meanwhile
+		if cur.receivers == nil {
+			cur.receivers = make(map[*sclient]struct{})
+		}
+		cur.receivers[c] = struct{}{}
+		return
+	}
+	m := s.pendingRecv[k]
+	if m == nil {
+		m = make(map[*sclient]struct{})
+		s.pendingRecv[k] = m
+	}
+	m[c] = struct{}{}
+}
+
 // noteSrc records that this connection received from p.src, so it gets
 // PeerGone when p.src leaves the region.
 func (c *sclient) noteSrc(p *packet) {
@@ -855,7 +899,8 @@ func (c *sclient) noteSrc(p *packet) {
 	if e == nil {
 		e = c.s.lookup(p.src) // forwarded-in packet
 		if e == nil {
-			return // not known yet; try again on the next packet
+			c.notePendingSrc(p.src)
+			return
 		}
 	}
 	c.lastSrcEntry = e

@@ -18,6 +18,11 @@ type connReader struct {
 	buf   []byte // nil when no chunk is held
 	r, w  int
 	reads uint64
+
+	// Raw mode only: hot counts reads since the reader last parked in
+	// the netpoller; onPark runs just before it parks.
+	hot    int
+	onPark func()
 }
 
 // directReadMin is the payload size above which a payload missing from the

@@ -29,6 +29,9 @@ func rawConnOf(c net.Conn) syscall.RawConn {
 // rawFill reads into the chunk, taking a chunk from the pool only once the
 // socket is readable: the function passed to RawConn.Read returns false on
 // EAGAIN, which parks the goroutine in the netpoller with no chunk held.
+// (It must try the read first: RawConn.Read resets the poller's readiness
+// before calling f, so parking without a read could miss data that
+// arrived earlier.)
 func (cr *connReader) rawFill() error {
 	var n int
 	var rerr error
@@ -46,6 +49,7 @@ func (cr *connReader) rawFill() error {
 			if cr.r == cr.w {
 				cr.release()
 			}
+			cr.park()
 			return false
 		}
 		return true
@@ -60,7 +64,15 @@ func (cr *connReader) rawFill() error {
 		return io.EOF
 	}
 	cr.w += n
+	cr.hot++
 	return nil
+}
+
+func (cr *connReader) park() {
+	cr.hot = 0
+	if cr.onPark != nil {
+		cr.onPark()
+	}
 }
 
 // rawReadInto reads directly into p.

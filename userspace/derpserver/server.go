@@ -133,6 +133,13 @@ type Server struct {
 	numLocalKeys int
 	watchers     map[*sclient]struct{}
 	health       string
+	// pendingRecv holds local connections that received a forwarded-in
+	// packet from a key not (yet) in keys: a mesh peer may deliver a
+	// packet before this node has learned its source from the watch
+	// stream. When an entry for the key is created they become its
+	// receivers, so they get PeerGone when the key leaves the region (as
+	// derper's per-key peer-gone watchers do).
+	pendingRecv map[derp.PublicKey]map[*sclient]struct{}
 
 	connsMu     sync.Mutex
 	handshaking map[net.Conn]struct{}
@@ -167,6 +174,7 @@ func New(opts Options) (*Server, error) {
 		log:         opts.Logger,
 		registry:    opts.Metrics,
 		keys:        make(map[derp.PublicKey]*keyEntry),
+		pendingRecv: make(map[derp.PublicKey]map[*sclient]struct{}),
 		watchers:    make(map[*sclient]struct{}),
 		handshaking: make(map[net.Conn]struct{}),
 		clients:     make(map[*sclient]struct{}),
@@ -319,8 +327,7 @@ func (s *Server) register(c *sclient) {
 	defer s.mu.Unlock()
 	e := s.keys[c.key]
 	if e == nil {
-		e = &keyEntry{key: c.key}
-		s.keys[c.key] = e
+		e = s.newEntryLocked(c.key)
 	}
 	c.entry = e
 	switch n := len(e.conns); {
@@ -402,6 +409,17 @@ func (s *Server) unregister(c *sclient) {
 		delete(s.watchers, c)
 		s.m.watchers.Add(-1)
 	}
+	for k := range c.pendingSrc {
+		if m := s.pendingRecv[k]; m != nil {
+			delete(m, c)
+			if len(m) == 0 {
+				delete(s.pendingRecv, k)
+			}
+		}
+		if cur := s.keys[k]; cur != nil && cur.receivers != nil {
+			delete(cur.receivers, c)
+		}
+	}
 	for k, se := range c.sawSrc {
 		if se.receivers != nil {
 			delete(se.receivers, c)
@@ -417,6 +435,18 @@ func (s *Server) unregister(c *sclient) {
 	if c.notIdeal {
 		s.m.curNotIdeal.Add(-1)
 	}
+}
+
+// newEntryLocked creates the registry entry for k, adopting connections
+// that already received forwarded packets from k as its receivers.
+func (s *Server) newEntryLocked(k derp.PublicKey) *keyEntry {
+	e := &keyEntry{key: k}
+	if m := s.pendingRecv[k]; m != nil {
+		e.receivers = m
+		delete(s.pendingRecv, k)
+	}
+	s.keys[k] = e
+	return e
 }
 
 // removeEntryLocked deletes a key that is no longer reachable and tells
@@ -494,8 +524,7 @@ func (s *Server) AddPacketForwarder(dst derp.PublicKey, fwd PacketForwarder) {
 	defer s.mu.Unlock()
 	e := s.keys[dst]
 	if e == nil {
-		e = &keyEntry{key: dst}
-		s.keys[dst] = e
+		e = s.newEntryLocked(dst)
 	}
 	for _, f := range e.fwds {
 		if f == fwd {

@@ -258,9 +258,42 @@ func (c *wsConn) sendClose(code uint16, reason string) {
 	c.writeFrameForce(wsClose, b)
 }
 
-// Write sends p as one binary message.
+// wsMaxMessage is the largest binary message the server sends. Tailscale's
+// WebSocket client (coder/websocket with its default read limit) refuses
+// messages over 32 KiB, so longer writes are split; message boundaries
+// carry no meaning in the DERP stream.
+const wsMaxMessage = 32 << 10
+
+// Write sends p as binary messages of at most wsMaxMessage bytes, in one
+// vectored write.
 func (c *wsConn) Write(p []byte) (int, error) {
-	if err := c.writeFrame(wsBinary, p); err != nil {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.closeSent {
+		return 0, net.ErrClosed
+	}
+	if len(p) <= wsMaxMessage {
+		if err := c.writeLocked(wsBinary, p); err != nil {
+			return 0, err
+		}
+		return len(p), nil
+	}
+	k := (len(p) + wsMaxMessage - 1) / wsMaxMessage
+	hdrs := make([]byte, 0, 4*k)
+	bufs := make(net.Buffers, 0, 2*k)
+	for off := 0; off < len(p); off += wsMaxMessage {
+		piece := p[off:min(off+wsMaxMessage, len(p))]
+		start := len(hdrs)
+		hdrs = append(hdrs, 0x80|wsBinary)
+		if len(piece) <= 125 {
+			hdrs = append(hdrs, byte(len(piece)))
+		} else {
+			hdrs = append(hdrs, 126)
+			hdrs = binary.BigEndian.AppendUint16(hdrs, uint16(len(piece)))
+		}
+		bufs = append(bufs, hdrs[start:len(hdrs):len(hdrs)], piece)
+	}
+	if _, err := bufs.WriteTo(c.Conn); err != nil {
 		return 0, err
 	}
 	return len(p), nil

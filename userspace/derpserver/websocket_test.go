@@ -28,6 +28,7 @@ type wsClientConn struct {
 	piece     int
 	mu        sync.Mutex
 	controls  []wsFrame
+	maxSeen   int // largest server frame payload
 }
 
 type wsFrame struct {
@@ -99,6 +100,9 @@ func (c *wsClientConn) Read(p []byte) (int, error) {
 			n = int(binary.BigEndian.Uint64(b[:]))
 		}
 		op := h[0] & 0x0f
+		if n > c.maxSeen {
+			c.maxSeen = n
+		}
 		if op == wsBinary || op == wsContinuation {
 			c.remaining = n
 			continue
@@ -194,6 +198,9 @@ func TestWebSocketRelay(t *testing.T) {
 		if src, got := a.recvPacket(); src != b.pub || !bytes.Equal(got, p) {
 			t.Fatalf("tcp->ws %d bytes", n)
 		}
+	}
+	if ws.maxSeen > 32768 {
+		t.Fatalf("server sent a %d-byte message; Tailscale's client refuses more than 32 KiB", ws.maxSeen)
 	}
 	// Several DERP frames in one message, and one frame over two messages.
 	ws.piece = 0

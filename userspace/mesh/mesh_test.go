@@ -3,9 +3,14 @@ package mesh
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
+	"log"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"strings"
 	"sync"
@@ -471,5 +476,47 @@ func TestInterleaver(t *testing.T) {
 	one := [][]byte{frame(1, 0), frame(1, 1), frame(1, 2)}
 	if out := il.order(one); &out[0] != &one[0] {
 		t.Error("a single-destination batch was copied")
+	}
+}
+
+// TestTLSPeerWithDialHost meshes over TLS using derper's host/dialhost
+// form: the certificate is checked for the host name while the connection
+// goes to the loopback address.
+func TestTLSPeerWithDialHost(t *testing.T) {
+	node := newFakeNode(t, mustKey(t), "")
+	k := mustKey(t).Public()
+	node.setKeys(k)
+	ts := httptest.NewUnstartedServer(http.HandlerFunc(node.serveHTTP))
+	ts.Config.ErrorLog = log.New(io.Discard, "", 0) // the failing case below logs handshake errors
+	ts.StartTLS()
+	t.Cleanup(func() { node.dropAll(); ts.Close() })
+	_, port, _ := net.SplitHostPort(ts.Listener.Addr().String())
+	roots := ts.Client().Transport.(*http.Transport).TLSClientConfig.RootCAs
+
+	// Without the test CA the handshake fails and nothing is learned.
+	bad := startMesh(t, mustKey(t), []string{"example.com:" + port + "/127.0.0.1"}, nil)
+	waitFor(t, nil, "failed TLS dial", func() bool { return !bad.metric(t, `xderp_mesh_dials_total{result="error"} 0`) })
+	if bad.relay.size() != 0 {
+		t.Fatal("learned keys over an unverified TLS connection")
+	}
+
+	tm := startMesh(t, mustKey(t), []string{"example.com:" + port + "/127.0.0.1"}, func(o *Options) {
+		o.TLSConfig = &tls.Config{RootCAs: roots}
+	})
+	waitFor(t, tm.relay, "key learned over TLS", func() bool { return len(tm.relay.get(k)) == 1 })
+	if got := tm.PeerAddrs(); len(got) != 1 || got[0] != netip.MustParseAddr("127.0.0.1") {
+		t.Errorf("PeerAddrs = %v", got)
+	}
+	c := node.next(t)
+	if err := tm.relay.get(k)[0].ForwardPacket(derp.PublicKey{7}, k, []byte("tls")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case f := <-c.fwd:
+		if string(f.pkt) != "tls" {
+			t.Errorf("got %q", f.pkt)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("nothing forwarded over TLS")
 	}
 }

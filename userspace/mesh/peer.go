@@ -155,11 +155,17 @@ func (p *peer) run(ctx context.Context) {
 		failing = false
 		m.log.Info("mesh peer connected", "peer", p.name, "server_key", cc.serverKey.ShortString())
 		began := time.Now()
-		err = p.serve(ctx, cc)
+		frames, err := p.serve(ctx, cc)
 		if ctx.Err() != nil {
 			return
 		}
-		m.log.Warn("mesh connection lost; reconnecting", "peer", p.name, "err", err)
+		if frames == 0 {
+			// A server closes a watcher without the right mesh key as
+			// soon as it reads WatchConns, before sending anything.
+			m.log.Warn("mesh connection closed before any watch update; is the mesh key the same on both nodes?", "peer", p.name, "err", err)
+		} else {
+			m.log.Warn("mesh connection lost; reconnecting", "peer", p.name, "err", err)
+		}
 		if time.Since(began) > m.opts.ReconnectMax {
 			backoff = m.opts.ReconnectMin
 		}
@@ -175,7 +181,7 @@ func (p *peer) run(ctx context.Context) {
 // the connection is closed, every key learned through it is removed from
 // the relay (so local clients get PeerGone for keys that left the region)
 // and queued frames are dropped as peer_down.
-func (p *peer) serve(ctx context.Context, cc *clientConn) error {
+func (p *peer) serve(ctx context.Context, cc *clientConn) (frames int, err error) {
 	m := p.m
 	present := make(map[derp.PublicKey]struct{})
 	ctrl := make(chan []byte, 4)
@@ -190,7 +196,7 @@ func (p *peer) serve(ctx context.Context, cc *clientConn) error {
 	}()
 	stopCtx := context.AfterFunc(ctx, func() { cc.nc.Close() })
 
-	err := p.readLoop(cc, present, ctrl)
+	err = p.readLoop(cc, present, ctrl, &frames)
 
 	stopCtx()
 	p.up.Store(false)
@@ -204,7 +210,7 @@ func (p *peer) serve(ctx context.Context, cc *clientConn) error {
 	}
 	m.met.learned.Add(-int64(len(present)))
 	p.drain()
-	return err
+	return frames, err
 }
 
 // drain drops every queued frame, counting it as peer_down.
@@ -220,7 +226,7 @@ func (p *peer) drain() {
 	}
 }
 
-func (p *peer) readLoop(cc *clientConn, present map[derp.PublicKey]struct{}, ctrl chan<- []byte) error {
+func (p *peer) readLoop(cc *clientConn, present map[derp.PublicKey]struct{}, ctrl chan<- []byte, frames *int) error {
 	m := p.m
 	for {
 		cc.nc.SetReadDeadline(time.Now().Add(m.opts.ReadTimeout))
@@ -228,6 +234,7 @@ func (p *peer) readLoop(cc *clientConn, present map[derp.PublicKey]struct{}, ctr
 		if err != nil {
 			return err
 		}
+		*frames++
 		switch ft {
 		case derp.FramePeerPresent:
 			pp, err := derp.ParsePeerPresent(payload)

@@ -5,8 +5,10 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -343,11 +345,10 @@ func TestRegionPeerDeathAndHeal(t *testing.T) {
 	ca := dialClient(t, a, mustKey(t), derp.MeshKey{})
 	cb := dialClient(t, b, mustKey(t), derp.MeshKey{})
 	ca2 := dialClient(t, a, mustKey(t), derp.MeshKey{})
-	// First a->b: a has then learned cb from b's watch stream, so the
-	// packets ca receives from cb come from a key a knows (a relay only
-	// sends PeerGone for keys whose departure it sees).
-	reachT(t, ca, cb, 10*time.Second)
+	// cb->ca first: cb's packets may reach a before a has learned cb from
+	// b's watch stream; a must still report cb gone later.
 	reachT(t, cb, ca, 10*time.Second) // ca has now received from cb
+	reachT(t, ca, cb, 10*time.Second)
 
 	b.kill()
 	f, err := ca.next(derp.FramePeerGone, 10*time.Second)
@@ -416,7 +417,8 @@ func TestRegionStuckPeerDoesNotBlockLocal(t *testing.T) {
 func TestRegionWrongMeshKey(t *testing.T) {
 	a := newNode(t, "a", testMeshKey)
 	b := newNode(t, "b", "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100")
-	a.meshWith(nil, b)
+	var logs lockedBuffer
+	a.meshWith(func(o *Options) { o.Logger = slog.New(slog.NewTextHandler(&logs, nil)) }, b)
 	b.meshWith(nil, a)
 	ca := dialClient(t, a, mustKey(t), derp.MeshKey{})
 	cb := dialClient(t, b, mustKey(t), derp.MeshKey{})
@@ -443,6 +445,10 @@ func TestRegionWrongMeshKey(t *testing.T) {
 	if v := a.metric("xderp_mesh_remote_keys"); v != "0" {
 		t.Errorf("a learned %s keys from b", v)
 	}
+	// The operator is told what is probably wrong.
+	waitFor(t, nil, "mesh key hint in the log", func() bool {
+		return strings.Contains(logs.String(), "is the mesh key the same on both nodes?")
+	})
 
 	// A client holding a wrong mesh key may not forward: the connection
 	// is closed and nothing is delivered.
@@ -455,4 +461,21 @@ func TestRegionWrongMeshKey(t *testing.T) {
 	if _, _, err := ca.recvData(100 * time.Millisecond); err == nil {
 		t.Error("forged ForwardPacket delivered")
 	}
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

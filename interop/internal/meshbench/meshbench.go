@@ -78,9 +78,11 @@ type Result struct {
 	Detail string
 }
 
-// Loss is the fraction of sent packets not delivered.
+// Loss is the fraction of sent packets not delivered (0 when packets in
+// flight at the window's start make up for those still in flight at its
+// end).
 func (r Result) Loss() float64 {
-	if r.Sent == 0 {
+	if r.Sent == 0 || r.Received >= r.Sent {
 		return 0
 	}
 	return 1 - float64(r.Received)/float64(r.Sent)

@@ -213,6 +213,7 @@ func Start(k Kind, bin string, o Options) (*Server, error) {
 		s.cmd.Stderr = logf
 		s.cmd.Dir = o.Dir
 		s.cmd.Env = append(os.Environ(), "HOME="+o.Dir, "XDG_CACHE_HOME="+o.Dir)
+		bindLifetime(s.cmd)
 		if err := s.cmd.Start(); err != nil {
 			logf.Close()
 			return nil, fmt.Errorf("start %s: %w", bin, err)

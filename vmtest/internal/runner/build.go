@@ -17,6 +17,9 @@ type TestBinary struct {
 	Dir        string // the package's source directory on the host
 	Name       string // unique short name, used for files and in reports
 	Path       string // the binary on the host
+	// RelDir is Dir relative to the module root (slash separated); in a
+	// guest the binary runs in /src/RelDir, as go test runs it in Dir.
+	RelDir string
 }
 
 // BuildTests compiles the tests of the packages matching patterns (go list
@@ -61,7 +64,11 @@ func BuildTests(ctx context.Context, moduleRoot, outDir string, patterns []strin
 				continue
 			}
 			name := uniqueName(f[0], names)
-			bins = append(bins, TestBinary{ImportPath: f[0], Dir: f[1], Name: name, Path: filepath.Join(outDir, name+".test")})
+			rel, err := moduleRel(moduleRoot, f[1])
+			if err != nil {
+				return nil, err
+			}
+			bins = append(bins, TestBinary{ImportPath: f[0], Dir: f[1], Name: name, Path: filepath.Join(outDir, name+".test"), RelDir: rel})
 		}
 		if matched == 0 {
 			log("vmtest: pattern %s matched no packages", pat)
@@ -103,4 +110,47 @@ func uniqueName(importPath string, names map[string]bool) string {
 	name := fmt.Sprintf("pkg%d", len(names))
 	names[name] = true
 	return name
+}
+
+// moduleRel returns dir relative to moduleRoot, slash separated, or an error
+// if dir lies outside the module.
+func moduleRel(moduleRoot, dir string) (string, error) {
+	rel, err := filepath.Rel(moduleRoot, dir)
+	if err != nil || rel == ".." || strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
+		return "", fmt.Errorf("package directory %s is outside the module %s", dir, moduleRoot)
+	}
+	return filepath.ToSlash(rel), nil
+}
+
+// SourceDirs lists, relative to moduleRoot, the directories of the test
+// packages and of every package of this module they import (tests read
+// files such as ../bpf/xderp.h or testdata/ relative to their directory).
+func SourceDirs(ctx context.Context, moduleRoot string, bins []TestBinary) ([]string, error) {
+	args := []string{"list", "-deps", "-test", "-f", "{{.Dir}}"}
+	for _, b := range bins {
+		args = append(args, b.ImportPath)
+	}
+	cmd := exec.CommandContext(ctx, "go", args...)
+	cmd.Dir = moduleRoot
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("go list -deps: %w: %s", err, bytes.TrimSpace(stderr.Bytes()))
+	}
+	seen := map[string]bool{}
+	var dirs []string
+	for _, d := range strings.Split(string(out), "\n") {
+		if d == "" {
+			continue
+		}
+		rel, err := moduleRel(moduleRoot, d)
+		if err != nil || seen[rel] {
+			continue // the standard library and other modules
+		}
+		seen[rel] = true
+		dirs = append(dirs, rel)
+	}
+	return dirs, nil
 }

@@ -53,6 +53,8 @@ func InitScript(p GuestPlan) string {
 	w("mount -t sysfs sysfs /sys")
 	w("mount -t devtmpfs devtmpfs /dev")
 	w("mkdir -p /dev/pts /dev/shm")
+	w("mount -t devpts devpts /dev/pts 2>/dev/null")
+	w("mount -t tmpfs tmpfs /dev/shm")
 	w("mount -t tmpfs tmpfs /tmp")
 	w("mount -t tmpfs tmpfs /run")
 	w("mount -t bpf bpf /sys/fs/bpf")
@@ -88,7 +90,7 @@ func InitScript(p GuestPlan) string {
 		filter = "cat /tmp/out"
 	}
 	for _, bin := range p.Binaries {
-		w("cd /pkgs/%s", bin.Name)
+		w("cd %s", shQuote(path.Join("/src", bin.RelDir)))
 		w("echo 'vmtest init: running %s'", bin.Name)
 		w("echo %s %s >&3", markBegin, bin.Name)
 		w("/tests/%s.test %s >/tmp/out 2>&1", bin.Name, strings.Join(args, " "))
@@ -141,7 +143,11 @@ type Image struct {
 	Applets []string   // busybox applets to link in /bin
 	Modules []string   // host paths of module files, in load order
 	Tools   []hostFile // host programs and their libraries
-	Plan    GuestPlan
+	// SourceDirs (relative to ModuleRoot) are mirrored under /src: each
+	// directory's files, and its testdata/ tree.
+	ModuleRoot string
+	SourceDirs []string
+	Plan       GuestPlan
 }
 
 // WriteInitramfs writes an uncompressed newc initramfs to file out.
@@ -153,7 +159,7 @@ func WriteInitramfs(ctx context.Context, out string, img Image) error {
 	}
 	bw := bufio.NewWriterSize(fh, 1<<20)
 	c := newCPIOWriter(bw)
-	for _, d := range []string{"bin", "dev", "etc", "proc", "sys", "tmp", "run", "root", "modules", "tests", "pkgs", "mnt"} {
+	for _, d := range []string{"bin", "dev", "etc", "proc", "sys", "tmp", "run", "root", "modules", "tests", "src", "mnt"} {
 		c.Dir(d, 0o755)
 	}
 	c.CharDev("dev/console", 0o600, 5, 1)
@@ -185,11 +191,15 @@ func WriteInitramfs(ctx context.Context, out string, img Image) error {
 	}
 	for _, bin := range plan.Binaries {
 		c.CopyFile("tests/"+bin.Name+".test", 0o755, bin.Path)
-		c.Dir("pkgs/"+bin.Name, 0o755)
-		if err := copyTree(c, filepath.Join(bin.Dir, "testdata"), "pkgs/"+bin.Name+"/testdata"); err != nil {
+	}
+	for _, rel := range img.SourceDirs {
+		if err := copySourceDir(c, filepath.Join(img.ModuleRoot, filepath.FromSlash(rel)), path.Join("src", rel)); err != nil {
 			fh.Close()
 			return err
 		}
+	}
+	for _, bin := range plan.Binaries {
+		c.MkdirAll(path.Join("src", bin.RelDir))
 	}
 	c.File("init", 0o755, []byte(InitScript(plan)))
 	if err := c.Close(); err != nil {
@@ -204,6 +214,22 @@ func WriteInitramfs(ctx context.Context, out string, img Image) error {
 		return fmt.Errorf("write initramfs: %w", err)
 	}
 	return nil
+}
+
+// copySourceDir mirrors a package directory's regular files (not its
+// subdirectories, except testdata/) at dst.
+func copySourceDir(c *cpioWriter, src, dst string) error {
+	ents, err := os.ReadDir(src)
+	if err != nil {
+		return fmt.Errorf("copy package directory: %w", err)
+	}
+	c.MkdirAll(dst)
+	for _, e := range ents {
+		if e.Type().IsRegular() {
+			c.CopyFile(dst+"/"+e.Name(), 0o644, filepath.Join(src, e.Name()))
+		}
+	}
+	return copyTree(c, filepath.Join(src, "testdata"), dst+"/testdata")
 }
 
 // copyTree copies the directory tree at src (if it exists) to dst in the

@@ -75,6 +75,9 @@ func Boot(ctx context.Context, cfg QEMUConfig, vmlinuz, initrd, workDir string) 
 		"-smp", strconv.Itoa(cpus), "-m", strconv.Itoa(mem),
 		"-display", "none", "-no-reboot", "-nic", "none",
 		"-kernel", vmlinuz, "-initrd", initrd,
+		// No mitigations=off: it would speed TCG up, but it also changes
+		// what the verifier allows without CAP_PERFMON (bpf_bypass_spec_*),
+		// and the unprivileged tests must see what production kernels do.
 		"-append", "console=ttyS0 panic=-1 oops=panic quiet loglevel=4 rdinit=/init",
 		"-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
 		"-chardev", "file,id=res,path=" + resultsPath, "-serial", "chardev:res",

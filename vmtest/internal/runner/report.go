@@ -59,13 +59,34 @@ const (
 	TableEnd   = "<!-- vmtest-table:end -->"
 )
 
-// ReplaceTable returns doc with the text between TableBegin and TableEnd
-// replaced by table.
+// ReplaceTable returns doc with the lines between the TableBegin and
+// TableEnd lines replaced by table. The markers count only on lines of
+// their own, so a document may mention them in prose.
 func ReplaceTable(doc, table string) (string, error) {
-	i := strings.Index(doc, TableBegin)
-	j := strings.Index(doc, TableEnd)
-	if i < 0 || j < 0 || j < i {
-		return "", fmt.Errorf("no %q ... %q markers in the document", TableBegin, TableEnd)
+	lines := strings.SplitAfter(doc, "\n")
+	begin, end := -1, -1
+	for i, l := range lines {
+		switch strings.TrimSpace(l) {
+		case TableBegin:
+			if begin < 0 {
+				begin = i
+			}
+		case TableEnd:
+			if begin >= 0 && end < 0 {
+				end = i
+			}
+		}
 	}
-	return doc[:i+len(TableBegin)] + "\n" + strings.TrimRight(table, "\n") + "\n" + doc[j:], nil
+	if begin < 0 || end < 0 {
+		return "", fmt.Errorf("no %q ... %q marker lines in the document", TableBegin, TableEnd)
+	}
+	var b strings.Builder
+	for _, l := range lines[:begin+1] {
+		b.WriteString(l)
+	}
+	b.WriteString(strings.TrimRight(table, "\n") + "\n")
+	for _, l := range lines[end:] {
+		b.WriteString(l)
+	}
+	return b.String(), nil
 }

@@ -1,6 +1,7 @@
 package runner
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -32,8 +34,12 @@ type Config struct {
 	QEMU        QEMUConfig // Timeout is taken from Timeout above
 	CacheDir    string     // default CacheDir()
 	WorkDir     string     // scratch space; default a temp dir, removed afterwards
-	Out         io.Writer  // progress and test output; never nil
-	Verbose     bool       // stream every test's output (not only failures)
+	Out         io.Writer  // progress and test output; writes are serialised
+	// Parallel is how many kernels run at once (default 1). Under TCG each
+	// guest CPU is a host thread, so on 2 cores two one-CPU guests finish
+	// CPU-bound tests sooner than one two-CPU guest after another.
+	Parallel int
+	Verbose  bool // stream every test's output (not only failures)
 }
 
 // KernelResult is the outcome on one kernel.
@@ -103,6 +109,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	if cfg.Out == nil {
 		cfg.Out = io.Discard
 	}
+	cfg.Out = &syncWriter{w: cfg.Out}
 	if cfg.Timeout == 0 {
 		cfg.Timeout = 4 * time.Minute
 	}
@@ -166,6 +173,10 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	if err != nil {
 		return nil, err
 	}
+	srcDirs, err := SourceDirs(ctx, cfg.ModuleRoot, bins)
+	if err != nil {
+		return nil, err
+	}
 	rep := &Report{}
 	for _, b := range bins {
 		rep.Packages = append(rep.Packages, b.ImportPath)
@@ -186,25 +197,44 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 			return nil, err
 		}
 	}
-	for _, p := range prepared {
-		var kr KernelResult
-		if p.Source.Type == SourceHost {
-			kr = runHost(ctx, cfg, p, bins, testArgs)
-		} else {
-			kr = runGuest(ctx, cfg, p, bins, testArgs, applets, work)
-		}
-		status := "PASS"
-		if !kr.OK() {
-			status = "FAIL"
-		}
-		pa, sk, fa := kr.Totals()
-		logf("vmtest: %s (%s): %s in %s (%d passed, %d skipped as expected, %d failed)",
-			kr.Kernel.Name, kr.Release, status, kr.Elapsed.Round(100*time.Millisecond), pa, sk, fa)
-		printFailures(cfg.Out, &kr, cfg.Verbose)
-		rep.Results = append(rep.Results, kr)
-		if ctx.Err() != nil {
-			return rep, ctx.Err()
-		}
+	// Kernels run Parallel at a time; each one's summary and failures are
+	// printed in one piece when it finishes.
+	results := make([]KernelResult, len(prepared))
+	sem := make(chan struct{}, max(cfg.Parallel, 1))
+	var wg sync.WaitGroup
+	for i, p := range prepared {
+		wg.Add(1)
+		sem <- struct{}{} // taken here, so kernels start in matrix order
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			if ctx.Err() != nil {
+				results[i] = KernelResult{Kernel: p.Kernel, Err: ctx.Err()}
+				return
+			}
+			var kr KernelResult
+			if p.Source.Type == SourceHost {
+				kr = runHost(ctx, cfg, p, bins, testArgs)
+			} else {
+				kr = runGuest(ctx, cfg, p, bins, srcDirs, testArgs, applets, work)
+			}
+			status := "PASS"
+			if !kr.OK() {
+				status = "FAIL"
+			}
+			pa, sk, fa := kr.Totals()
+			var b bytes.Buffer
+			fmt.Fprintf(&b, "vmtest: %s (%s): %s in %s (%d passed, %d skipped as expected, %d failed)\n",
+				kr.Kernel.Name, kr.Release, status, kr.Elapsed.Round(100*time.Millisecond), pa, sk, fa)
+			printFailures(&b, &kr, cfg.Verbose)
+			cfg.Out.Write(b.Bytes())
+			results[i] = kr
+		}()
+	}
+	wg.Wait()
+	rep.Results = results
+	if ctx.Err() != nil {
+		return rep, ctx.Err()
 	}
 	rep.Elapsed = time.Since(start)
 	return rep, nil
@@ -226,7 +256,7 @@ func guestEnv(cfg Config, k Kernel) (map[string]string, error) {
 	return env, nil
 }
 
-func runGuest(ctx context.Context, cfg Config, p *Prepared, bins []TestBinary, testArgs, applets []string, work string) (kr KernelResult) {
+func runGuest(ctx context.Context, cfg Config, p *Prepared, bins []TestBinary, srcDirs, testArgs, applets []string, work string) (kr KernelResult) {
 	kr = KernelResult{Kernel: p.Kernel, Release: p.Release}
 	start := time.Now()
 	defer func() { kr.Elapsed = time.Since(start) }()
@@ -253,6 +283,7 @@ func runGuest(ctx context.Context, cfg Config, p *Prepared, bins []TestBinary, t
 	initrd := filepath.Join(dir, "initramfs.cpio")
 	img := Image{
 		Busybox: cfg.Busybox, Applets: applets, Modules: mods, Tools: tools,
+		ModuleRoot: cfg.ModuleRoot, SourceDirs: srcDirs,
 		Plan: GuestPlan{Env: env, Binaries: bins, TestArgs: testArgs, FullOutput: cfg.Verbose},
 	}
 	if err := WriteInitramfs(ctx, initrd, img); err != nil {
@@ -428,4 +459,16 @@ func exitText(b *BinaryResult) string {
 		return "none (did not finish)"
 	}
 	return strconv.Itoa(b.Exit)
+}
+
+// syncWriter serialises writes from kernels running in parallel.
+type syncWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (s *syncWriter) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.w.Write(p)
 }

@@ -277,7 +277,7 @@ func TestInitScriptQuotesEnvironment(t *testing.T) {
 	script := InitScript(GuestPlan{
 		Modules:  []string{"00-veth.ko"},
 		Env:      map[string]string{"XDERP_TRICKY": tricky, "XDERP_VMTEST": "1"},
-		Binaries: []TestBinary{{Name: "selftest"}},
+		Binaries: []TestBinary{{Name: "selftest", RelDir: "vmtest/internal/selftest"}},
 		TestArgs: []string{"-test.run=Test(A|B) x"},
 	})
 	sh, err := exec.LookPath("sh")
@@ -300,7 +300,7 @@ func TestInitScriptQuotesEnvironment(t *testing.T) {
 	if string(out) != tricky {
 		t.Errorf("value in the guest = %q, want %q", out, tricky)
 	}
-	for _, want := range []string{"insmod /modules/00-veth.ko", "/tests/selftest.test -test.v '-test.run=Test(A|B) x'", "cd /pkgs/selftest", markDone, "reboot -f"} {
+	for _, want := range []string{"insmod /modules/00-veth.ko", "/tests/selftest.test -test.v '-test.run=Test(A|B) x'", "cd '/src/vmtest/internal/selftest'", markDone, "reboot -f"} {
 		if !strings.Contains(script, want) {
 			t.Errorf("init script lacks %q:\n%s", want, script)
 		}
@@ -349,6 +349,18 @@ func TestReplaceTable(t *testing.T) {
 	}
 	if _, err := ReplaceTable("no markers", "t"); err == nil {
 		t.Error("a document without markers was accepted")
+	}
+	// Markers quoted in prose are not markers.
+	prose := "use `" + TableBegin + "` and `" + TableEnd + "`\n"
+	got, err = ReplaceTable(prose+doc, "| new |\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != prose+want {
+		t.Errorf("with markers in prose: got %q, want %q", got, prose+want)
+	}
+	if _, err := ReplaceTable(prose, "t"); err == nil {
+		t.Error("markers only in prose were accepted")
 	}
 }
 

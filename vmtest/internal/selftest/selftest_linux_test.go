@@ -349,6 +349,11 @@ func TestGuestEnvironment(t *testing.T) {
 	if _, err := os.Stat("testdata/marker.txt"); err != nil {
 		t.Errorf("the package's testdata is not in the working directory: %v", err)
 	}
+	// Tests may read files of the module packages they import, relative
+	// to their own directory, as under go test.
+	if _, err := os.Stat("../../guest/guest.go"); err != nil {
+		t.Errorf("the imported package vmtest/guest is not mirrored beside this one: %v", err)
+	}
 }
 
 // TestKernelFeatures checks the matrix against the kernel: a feature the
