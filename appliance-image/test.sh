@@ -43,6 +43,9 @@ done
 # shellcheck source=/dev/null
 . "$OUT/layout.env"
 
+# the xderp.conf parser first: seconds, no VM
+"$HERE/config-test.sh" || die "config-test.sh failed"
+
 W=$(mktemp -d "${TMPDIR:-/tmp}/xderp-image-test.XXXXXX")
 QPID=
 NS=xderp-image-$$
