@@ -32,7 +32,7 @@ import (
 // vethEnv is a client namespace and a server namespace joined by a veth
 // pair; the test creates both and deletes them in Cleanup.
 type vethEnv struct {
-	t            *testing.T
+	t            testing.TB
 	cliNS, srvNS string
 	cliIf, srvIf string
 	cli4, srv4   netip.Addr
@@ -44,7 +44,7 @@ type vethEnv struct {
 
 // privateBPFFS mounts a bpf filesystem of the test's own (the host's
 // /sys/fs/bpf is left alone) and unmounts it in Cleanup.
-func privateBPFFS(t *testing.T) string {
+func privateBPFFS(t testing.TB) string {
 	dir := filepath.Join(t.TempDir(), "bpffs")
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		t.Fatal(err)
@@ -56,14 +56,14 @@ func privateBPFFS(t *testing.T) string {
 	return dir
 }
 
-func sh(t *testing.T, args ...string) {
+func sh(t testing.TB, args ...string) {
 	t.Helper()
 	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
 		t.Fatalf("%v: %v\n%s", args, err, out)
 	}
 }
 
-func newVethEnv(t *testing.T) *vethEnv {
+func newVethEnv(t testing.TB) *vethEnv {
 	guest.RequireRoot(t)
 	for _, tool := range []string{"ip", "ethtool"} {
 		if _, err := exec.LookPath(tool); err != nil {
@@ -181,7 +181,7 @@ func exchange(c *net.UDPConn, timeout time.Duration) error {
 	return nil
 }
 
-func counterOf(t *testing.T, x *XDP, key string) uint64 {
+func counterOf(t testing.TB, x *XDP, key string) uint64 {
 	return counterMap(t, x)[key].Packets
 }
 
