@@ -19,6 +19,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -87,6 +88,12 @@ type Options struct {
 	// queue whose writer is making progress (see enqueuePacket); default
 	// 5ms; negative means never wait (always drop the oldest packet).
 	QueueFullWait time.Duration
+	// DisableInlineWrites turns off writing a packet directly from the
+	// sender's goroutine when its destination has nothing queued (see
+	// enqueuePacket); every packet then goes through a writer goroutine.
+	// The environment variable XDERP_DISABLE_INLINE_WRITES=1 does the same
+	// (for benchmarks). Default false.
+	DisableInlineWrites bool
 	// Admit, if set, is called after the client's box has been opened.
 	Admit AdmitFunc
 	// CloseGrace is how long Close waits for clients to receive the
@@ -207,6 +214,9 @@ func New(opts Options) (*Server, error) {
 	}
 	if o.QueueFullWait == 0 {
 		o.QueueFullWait = DefaultQueueFullWait
+	}
+	if os.Getenv("XDERP_DISABLE_INLINE_WRITES") == "1" {
+		o.DisableInlineWrites = true
 	}
 	if o.MaxSkipFrame <= 0 {
 		o.MaxSkipFrame = DefaultMaxSkipFrame
