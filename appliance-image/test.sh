@@ -98,7 +98,8 @@ boot() { # boot N: start QEMU in the background, serial to $W/serial-N.log
 	SERIAL="$W/serial-$n.log"
 	: >"$SERIAL"
 	T0=$(date +%s.%N)
-	inns qemu-system-x86_64 -machine q35 -cpu max -smp 2 -m 1024 -nodefaults -display none \
+	# not through the inns function: $! must be QEMU itself (ip netns exec execs it)
+	ip netns exec "$NS" qemu-system-x86_64 -machine q35 -cpu max -smp 2 -m 1024 -nodefaults -display none \
 		-drive if=pflash,format=raw,readonly=on,file="$OVMF_CODE" \
 		-drive if=pflash,format=raw,file="$W/vars.fd" \
 		-drive if=virtio,format=raw,file="$IMG" \
@@ -122,19 +123,30 @@ wait_ready() { # poll the serial log for the status report (or a failure)
 	return 1
 }
 
-poweroff() { # ACPI power button via the monitor; QEMU exits when the guest is off
+powerbutton() {
 	python3 - "$W/monitor.sock" <<'EOF'
 import socket, sys
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"system_powerdown\n"); s.close()
 EOF
-	local end=$(($(date +%s) + 90))
-	while kill -0 "$QPID" 2>/dev/null && [ "$(date +%s)" -lt $end ]; do sleep 1; done
+}
+poweroff() { # ACPI power button via the monitor; QEMU exits when the guest is off
+	local t0 end
+	t0=$(date +%s)
+	powerbutton
+	end=$((t0 + 150))
+	while kill -0 "$QPID" 2>/dev/null && [ "$(date +%s)" -lt $end ]; do
+		# press again once after 60 s, in case the first press was lost
+		[ "$(date +%s)" = $((t0 + 60)) ] && powerbutton
+		sleep 1
+	done
 	if kill -0 "$QPID" 2>/dev/null; then
-		echo "guest did not power off in 90 s; killing QEMU"
+		echo "guest did not power off in 150 s; killing QEMU"
 		kill "$QPID"; wait "$QPID" 2>/dev/null
+		QPID=
 		return 1
 	fi
 	wait "$QPID" 2>/dev/null
+	echo "powered off in $(($(date +%s) - t0)) s"
 	QPID=
 }
 
