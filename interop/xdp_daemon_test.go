@@ -713,7 +713,7 @@ func runSTUNLoad(n *xdpNet, dst netip.AddrPort, sockets, window int, d time.Dura
 
 // BenchmarkXDPvsUserspaceSTUN loads xderpd in the server namespace with
 // Tailscale-style STUN requests from the client namespace (IPv4, 3 s per
-// load shape: 8 sockets x 8 outstanding, then 8 x 32), once with the XDP
+// load shape: 8 sockets x 8 outstanding, 1 x 1, 8 x 32), once with the XDP
 // program answering (-xdp driver) and once with the userspace STUN server
 // (-xdp off). It prints answers/s for both, the ratio (target: XDP >= 10x
 // userspace), the CPU time the daemon used in each phase (from
@@ -723,25 +723,28 @@ func runSTUNLoad(n *xdpNet, dst netip.AddrPort, sockets, window int, d time.Dura
 func BenchmarkXDPvsUserspaceSTUN(b *testing.B) {
 	n := newXDPNet(b)
 	const (
-		sockets    = 8
 		dur        = 3 * time.Second
 		maxAnswers = 20_000_000
 	)
-	windows := []int{8, 32}
+	type shape struct{ sockets, window int }
+	// 8x8 is the headline figure; 1x1 shows the per-request round trip,
+	// 8x32 a deeper queue.
+	shapes := []shape{{8, 8}, {1, 1}, {8, 32}}
 	dst := netip.AddrPortFrom(xdpSrv4, xdpSTUNPort)
 	type phase struct {
 		load stunLoad
 		cpu  time.Duration
 	}
-	res := map[string]map[int]phase{}
+	res := map[string]map[shape]phase{}
 	for _, mode := range []string{"driver", "off"} {
-		res[mode] = map[int]phase{}
+		res[mode] = map[shape]phase{}
 		d := n.start(mode)
 		// One exchange first: the path works before the clock starts.
 		if err := stunExchange(n.udp(dst), make([]byte, 1500), 2*time.Second); err != nil {
 			b.Fatalf("-xdp %s: first request: %v\n%s", mode, err, d.logTail())
 		}
-		for _, window := range windows {
+		for _, sh := range shapes {
+			sockets, window := sh.sockets, sh.window
 			before := n.mustScrape()
 			t0, err := cpuTicks(d.pid())
 			if err != nil {
@@ -770,7 +773,7 @@ func BenchmarkXDPvsUserspaceSTUN(b *testing.B) {
 			if mode == "off" && xdpN != 0 {
 				b.Errorf("with -xdp off the XDP program answered %.0f requests", xdpN)
 			}
-			res[mode][window] = phase{load, cpu}
+			res[mode][sh] = phase{load, cpu}
 		}
 		d.stop(b)
 		if mode == "driver" {
@@ -781,21 +784,30 @@ func BenchmarkXDPvsUserspaceSTUN(b *testing.B) {
 		}
 	}
 	rate := func(p phase) float64 { return float64(p.load.answers) / p.load.elapsed.Seconds() }
-	for _, w := range windows {
+	for _, w := range shapes {
 		x, u := rate(res["driver"][w]), rate(res["off"][w])
 		ratio := x / u
 		verdict := "reached"
 		if ratio < 10 {
 			verdict = "NOT reached"
 		}
-		if w == windows[0] {
+		if w == shapes[0] {
 			b.ReportMetric(x, "xdp-answers/s")
 			b.ReportMetric(u, "userspace-answers/s")
 			b.ReportMetric(ratio, "xdp/userspace")
 			b.ReportMetric(res["driver"][w].cpu.Seconds(), "xdp-daemon-cpu-s")
 			b.ReportMetric(res["off"][w].cpu.Seconds(), "userspace-daemon-cpu-s")
+			if n := res["off"][w].load.answers; n > 0 {
+				b.ReportMetric(float64(res["off"][w].cpu.Microseconds())/float64(n), "userspace-daemon-us/answer")
+			}
 		}
-		fmt.Printf("stun e2e %dx%d: XDP %.0f answers/s (daemon CPU %v), userspace %.0f answers/s (daemon CPU %v), ratio %.1fx, target >= 10x %s\n",
-			sockets, w, x, res["driver"][w].cpu, u, res["off"][w].cpu, ratio, verdict)
+		perAnswer := func(p phase) float64 {
+			if p.load.answers == 0 {
+				return 0
+			}
+			return float64(p.cpu.Nanoseconds()) / 1e3 / float64(p.load.answers)
+		}
+		fmt.Printf("stun e2e %dx%d: XDP %.0f answers/s (daemon CPU %v, %.2f us/answer), userspace %.0f answers/s (daemon CPU %v, %.2f us/answer), ratio %.1fx, target >= 10x %s\n",
+			w.sockets, w.window, x, res["driver"][w].cpu, perAnswer(res["driver"][w]), u, res["off"][w].cpu, perAnswer(res["off"][w]), ratio, verdict)
 	}
 }
