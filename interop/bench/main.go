@@ -1,9 +1,12 @@
 // Command bench runs xderpd and Tailscale's derper side by side on loopback
-// (plain HTTP, separate processes built from this module) and drives both
-// with the same load generator built on Tailscale's derphttp client and
-// net/stun code. It prints a markdown table of figures and ratios.
+// (separate processes built from this module) and drives both with the same
+// load generator built on Tailscale's derphttp client and net/stun code. It
+// prints a markdown table of figures and ratios per transport: plain HTTP,
+// and TLS (both servers in manual certificate mode with one shared
+// self-signed certificate for 127.0.0.1, the clients pinning it by
+// CertName), where it also measures full TLS handshakes per second.
 //
-//	cd interop && go run ./bench [-duration 5s] [-conns 10000]
+//	cd interop && go run ./bench [-transports http,tls] [-duration 5s] [-conns 10000]
 //
 // Every phase is bounded in time and count; all traffic stays on loopback.
 package main

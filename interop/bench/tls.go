@@ -15,6 +15,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"log"
 	"math/big"
 	"net"
@@ -368,8 +369,9 @@ func (s *tlsRelay) kill() {
 }
 
 // handshakeRate runs handshake-parallel dialers that each repeat: TCP
-// connect to the DERP port, a full TLS handshake verified against the
-// pinned certificate, close (with SO_LINGER 0, so no TIME_WAIT piles up).
+// connect to the DERP port, a full TLS handshake (no resumption) verified
+// against the pinned certificate, close_notify, wait for the server to
+// close, close (SO_LINGER 0, so no TIME_WAIT piles up).
 // It returns completed handshakes per second and per server CPU-second,
 // counted over the phase duration after the warm-up, or until
 // handshake-max handshakes.
@@ -411,6 +413,19 @@ func handshakeRate(s *tlsRelay) (perSec, perCPUSec float64, err error) {
 						st := tc.ConnectionState()
 						log.Printf("%s TLS: %s, %s, key exchange %s", s.k, tls.VersionName(st.Version), tls.CipherSuiteName(st.CipherSuite), st.CurveID)
 					})
+				}
+				if err == nil {
+					// The server has the handshake only once it has read
+					// our Finished: send close_notify and read until the
+					// server closes (its HTTP server sees EOF), so every
+					// counted handshake completed on both sides.
+					tc.SetDeadline(time.Now().Add(2 * time.Second))
+					if err = tc.CloseWrite(); err == nil {
+						_, err = io.Copy(io.Discard, tc)
+						if err != nil {
+							err = fmt.Errorf("waiting for the server to close: %w", err)
+						}
+					}
 				}
 				tc.Close()
 				if err != nil {
