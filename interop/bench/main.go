@@ -112,6 +112,7 @@ func main() {
 		transport string
 		results   map[target.Kind]*result
 		ceilMbps  float64
+		load      string // 1-minute load average when the suite ended
 	}
 	var tables []table
 	for _, tr := range transports {
@@ -123,10 +124,10 @@ func main() {
 			}
 		}
 		ceil := runSuite(tr, dir, kinds, bins, phases, results)
-		tables = append(tables, table{tr, results, ceil})
+		tables = append(tables, table{tr, results, ceil, loadAvg()})
 	}
 	for _, t := range tables {
-		printTable(os.Stdout, t.transport, t.results[target.Xderpd], t.results[target.Reference], t.ceilMbps)
+		printTable(os.Stdout, t.transport, t.load, t.results[target.Xderpd], t.results[target.Reference], t.ceilMbps)
 	}
 }
 
@@ -942,7 +943,7 @@ func ceiling() (float64, error) {
 	return float64(bytes.Load()) * 8 / 1e6 / elapsed.Seconds(), nil
 }
 
-func printTable(w io.Writer, transport string, x, r *result, ceilMbps float64) {
+func printTable(w io.Writer, transport, load string, x, r *result, ceilMbps float64) {
 	if x == nil {
 		x = &result{}
 	}
@@ -954,7 +955,7 @@ func printTable(w io.Writer, transport string, x, r *result, ceilMbps float64) {
 		over = "TLS (one self-signed ECDSA P-256 certificate for both, pinned by CertName; the targets are the plain-HTTP ones)"
 	}
 	fmt.Fprintf(w, "\nxderp benchmark over %s: %d pairs, %d in flight, %d-byte packets, %v per phase, best of %d, %d idle connections, GOMAXPROCS %d on %d CPUs, load average %s\n\n",
-		over, *flagPairs, *flagInflight, *flagSize, *flagDuration, *flagRounds, *flagConns, runtime.GOMAXPROCS(0), runtime.NumCPU(), loadAvg())
+		over, *flagPairs, *flagInflight, *flagSize, *flagDuration, *flagRounds, *flagConns, runtime.GOMAXPROCS(0), runtime.NumCPU(), load)
 	fmt.Fprintln(w, "| metric | xderpd | reference (derper) | ratio | target | met? |")
 	fmt.Fprintln(w, "|---|---|---|---|---|---|")
 	ratio := func(a, b float64) (float64, bool) {
