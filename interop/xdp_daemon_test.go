@@ -35,6 +35,7 @@ import (
 	"tailscale.com/net/stun"
 
 	"github.com/xderp/xderp/interop/internal/target"
+	xstun "github.com/xderp/xderp/userspace/stun"
 	"github.com/xderp/xderp/vmtest/guest"
 )
 
@@ -378,7 +379,8 @@ func userspaceSTUN(mf map[string]*dto.MetricFamily) float64 {
 
 // stunExchange sends one request built by Tailscale's stun package on c and
 // waits up to timeout for its answer (no retry), which must carry the
-// request's transaction ID and c's own address as the mapped address.
+// request's transaction ID and c's own address as the mapped address, and
+// be exactly the bytes userspace/stun builds for that request.
 func stunExchange(c *net.UDPConn, buf []byte, timeout time.Duration) error {
 	tx := stun.NewTxID()
 	if _, err := c.Write(stun.Request(tx)); err != nil {
@@ -391,7 +393,16 @@ func stunExchange(c *net.UDPConn, buf []byte, timeout time.Duration) error {
 	if err != nil {
 		return fmt.Errorf("no answer: %w", err)
 	}
-	return checkAnswer(c, buf[:n], &tx)
+	if err := checkAnswer(c, buf[:n], &tx); err != nil {
+		return err
+	}
+	// Byte for byte what the project's STUN code builds (the XDP program
+	// and the userspace server must agree).
+	want := xstun.AppendResponse(nil, xstun.TxID(tx), c.LocalAddr().(*net.UDPAddr).AddrPort())
+	if !bytes.Equal(buf[:n], want) {
+		return fmt.Errorf("answer %x, want %x", buf[:n], want)
+	}
+	return nil
 }
 
 func checkAnswer(c *net.UDPConn, b []byte, want *stun.TxID) error {
