@@ -353,6 +353,12 @@ func TestHostileInputKeepsServing(t *testing.T) {
 		expectClosed(t, conn, br)
 		alive("garbage")
 	})
+	t.Run("wrong magic instead of HTTP", func(t *testing.T) {
+		conn := dialRaw(t, ts.addr)
+		conn.Write([]byte(derp.Magic + "\x01\x02\x03 not http\r\n\r\n"))
+		expectClosed(t, conn, conn)
+		alive("not http")
+	})
 	t.Run("wrong first frame", func(t *testing.T) {
 		conn, br := upgrade()
 		conn.Write(derp.AppendPing(nil, [8]byte{}))
