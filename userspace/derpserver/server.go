@@ -4,10 +4,12 @@
 // bounded send queues with drop accounting, batched writers, PeerGone /
 // PeerPresent bookkeeping, and the relay's metrics.
 //
-// Each established connection has one reader goroutine; a writer goroutine
-// is started when there is something to send and exits after an idle
-// period, so an idle connection holds one parked goroutine, a small struct
-// and no I/O buffers (on plain TCP sockets).
+// Each established connection has one reader goroutine. A packet that
+// finds its destination idle is written directly by the sender's reader;
+// otherwise a writer goroutine is started, batches what is queued into
+// single writes and exits after an idle period. So an idle connection
+// holds one parked goroutine, a small struct and no I/O buffers (on plain
+// TCP sockets).
 package derpserver
 
 import (

@@ -5,10 +5,12 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"strings"
 	"sync"
@@ -353,6 +355,12 @@ func TestHostileInputKeepsServing(t *testing.T) {
 		expectClosed(t, conn, br)
 		alive("garbage")
 	})
+	t.Run("wrong magic instead of HTTP", func(t *testing.T) {
+		conn := dialRaw(t, ts.addr)
+		conn.Write([]byte(derp.Magic + "\x01\x02\x03 not http\r\n\r\n"))
+		expectClosed(t, conn, conn)
+		alive("not http")
+	})
 	t.Run("wrong first frame", func(t *testing.T) {
 		conn, br := upgrade()
 		conn.Write(derp.AppendPing(nil, [8]byte{}))
@@ -640,5 +648,41 @@ func TestInlineWritesKeepOrder(t *testing.T) {
 	ts.waitMetric("derp_packets_sent", func(v float64) bool { return v == n })
 	if ts.metric("xderp_writer_starts_total") == 0 {
 		t.Fatal("the socket never filled: test did not exercise the hand-over")
+	}
+}
+
+// TestOverTLS runs two clients over TLS (the production transport), which
+// uses the plain-read path with its idle small-buffer reads.
+func TestOverTLS(t *testing.T) {
+	k, _ := derp.NewPrivateKey()
+	s, err := New(Options{PrivateKey: k})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := httptest.NewTLSServer(s)
+	t.Cleanup(func() { hs.Close(); s.Close() })
+	dial := func() *testClient {
+		conn, err := tls.Dial("tcp", hs.Listener.Addr().String(), &tls.Config{InsecureSkipVerify: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		c, err := handshakeClient(t, conn, clientOpts{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	a, b := dial(), dial()
+	for _, n := range []int{1, 1200, derp.MaxPacketSize} {
+		p := randBytes(n)
+		go a.send(b.pub, p)
+		if src, got := b.recvPacket(); src != a.pub || !bytes.Equal(got, p) {
+			t.Fatalf("%d-byte packet over TLS", n)
+		}
+	}
+	a.close()
+	if k, _, _ := derp.ParsePeerGone(b.mustNext(derp.FramePeerGone)); k != a.pub {
+		t.Fatal("PeerGone over TLS")
 	}
 }
