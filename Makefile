@@ -72,6 +72,8 @@ image-test: image
 bench: build
 	cd interop && $(GO) run ./bench
 	cd interop && $(GO) test -count=1 -run '^$$' -bench 'XDPvsTailscale' -benchtime 20000x -v . | grep -v '^=== RUN'
+	cd interop && $(GO) test -count=1 -run '^$$' -bench 'XDPvsUserspaceSTUN' -benchtime 1x -v . | grep -v '^=== RUN'
+	$(GO) test -count=1 -run '^$$' -bench 'VethSTUNRate' -benchtime 1x -v ./loader | grep -v '^=== RUN'
 	cd interop && $(GO) test -count=1 -run '^$$' -bench 'CertsTLSConnVsDerper' -benchtime 1000x -v . | grep -v '^=== RUN'
 	cd interop && $(GO) test -count=1 -run '^$$' -bench 'MeshForward' -benchtime 1x -v . | grep -v '^=== RUN'
 

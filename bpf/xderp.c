@@ -503,7 +503,7 @@ static __always_inline __u32 stun_general(struct xdp_md *ctx, struct scratch *s,
 					  __u64 n, __u64 pseudo, __u32 check_csum)
 {
 	/* Established by the caller; repeated for the verifier (n is opaque here). */
-	if (n < STUN_HDR + 8 || n > STUN_MAX || (n & 3))
+	if (n < STUN_HDR || n > STUN_MAX || (n & 3))
 		return XDERP_REASON_STUN_MALFORMED;
 	/*
 	 * n <= STUN_MAX and n % 4 == 0 (checked by the caller), so the mask

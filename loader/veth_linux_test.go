@@ -32,7 +32,7 @@ import (
 // vethEnv is a client namespace and a server namespace joined by a veth
 // pair; the test creates both and deletes them in Cleanup.
 type vethEnv struct {
-	t            *testing.T
+	t            testing.TB
 	cliNS, srvNS string
 	cliIf, srvIf string
 	cli4, srv4   netip.Addr
@@ -44,7 +44,7 @@ type vethEnv struct {
 
 // privateBPFFS mounts a bpf filesystem of the test's own (the host's
 // /sys/fs/bpf is left alone) and unmounts it in Cleanup.
-func privateBPFFS(t *testing.T) string {
+func privateBPFFS(t testing.TB) string {
 	dir := filepath.Join(t.TempDir(), "bpffs")
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		t.Fatal(err)
@@ -56,14 +56,14 @@ func privateBPFFS(t *testing.T) string {
 	return dir
 }
 
-func sh(t *testing.T, args ...string) {
+func sh(t testing.TB, args ...string) {
 	t.Helper()
 	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
 		t.Fatalf("%v: %v\n%s", args, err, out)
 	}
 }
 
-func newVethEnv(t *testing.T) *vethEnv {
+func newVethEnv(t testing.TB) *vethEnv {
 	guest.RequireRoot(t)
 	for _, tool := range []string{"ip", "ethtool"} {
 		if _, err := exec.LookPath(tool); err != nil {
@@ -181,15 +181,42 @@ func exchange(c *net.UDPConn, timeout time.Duration) error {
 	return nil
 }
 
-func counterOf(t *testing.T, x *XDP, key string) uint64 {
+func counterOf(t testing.TB, x *XDP, key string) uint64 {
 	return counterMap(t, x)[key].Packets
 }
 
+// TestVethSTUN: a real UDP client in one namespace gets its answers from
+// XDP (the counters say so, and a socket listening on the STUN port in the
+// server namespace sees none of those requests); a request XDP does not
+// answer (no FINGERPRINT) is passed up to that socket.
 func TestVethSTUN(t *testing.T) {
 	e := newVethEnv(t)
 	x := e.attach(Config{})
 	defer x.Close()
 	t.Logf("attached in %v mode", x.Mode())
+
+	// The "userspace server": a socket on the STUN port that reports what
+	// reaches it.
+	var srv net.PacketConn
+	var err error
+	e.in(e.srvHandle, func() { srv, err = net.ListenPacket("udp", ":3478") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	got := make(chan []byte, 64)
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, _, err := srv.ReadFrom(buf)
+			if err != nil {
+				close(got)
+				return
+			}
+			got <- append([]byte(nil), buf[:n]...)
+		}
+	}()
+
 	for _, fam := range []struct {
 		af  string
 		dst netip.Addr
@@ -198,13 +225,31 @@ func TestVethSTUN(t *testing.T) {
 		before := counterOf(t, x, fam.af+"/tx/stun_answered")
 		const n = 20
 		for i := range n {
-			// Nothing listens on 3478 in the server namespace: only XDP can answer.
 			if err := exchange(c, 2*time.Second); err != nil {
 				t.Fatalf("%s request %d: %v", fam.af, i, err)
 			}
 		}
 		if d := counterOf(t, x, fam.af+"/tx/stun_answered") - before; d != n {
 			t.Errorf("%s: stun_answered moved by %d, want %d", fam.af, d, n)
+		}
+		// Not answerable in XDP: the first 32 bytes of a request (no
+		// FINGERPRINT, length field fixed up). It must reach the socket, and
+		// be the first thing that does.
+		req := stun.AppendRequest(nil, stun.TxID{9})[:32]
+		req[3] = 12
+		if _, err := c.Write(req); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case b := <-got:
+			if !bytes.Equal(b, req) {
+				t.Fatalf("%s: the server socket got %x first, want the passed request %x (did an answered request leak?)", fam.af, b, req)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s: the passed request never reached the server socket", fam.af)
+		}
+		if d := counterOf(t, x, fam.af+"/pass/stun_fingerprint"); d == 0 {
+			t.Errorf("%s: no stun_fingerprint pass counted", fam.af)
 		}
 	}
 }

@@ -1,9 +1,12 @@
 // Command bench runs xderpd and Tailscale's derper side by side on loopback
-// (plain HTTP, separate processes built from this module) and drives both
-// with the same load generator built on Tailscale's derphttp client and
-// net/stun code. It prints a markdown table of figures and ratios.
+// (separate processes built from this module) and drives both with the same
+// load generator built on Tailscale's derphttp client and net/stun code. It
+// prints a markdown table of figures and ratios per transport: plain HTTP,
+// and TLS (both servers in manual certificate mode with one shared
+// self-signed certificate for 127.0.0.1, the clients pinning it by
+// CertName), where it also measures full TLS handshakes per second.
 //
-//	cd interop && go run ./bench [-duration 5s] [-conns 10000]
+//	cd interop && go run ./bench [-transports http,tls] [-duration 5s] [-conns 10000]
 //
 // Every phase is bounded in time and count; all traffic stays on loopback.
 package main
@@ -36,17 +39,20 @@ import (
 )
 
 var (
-	flagDuration = flag.Duration("duration", 5*time.Second, "measuring time of each throughput, latency and STUN phase")
-	flagWarmup   = flag.Duration("warmup", 500*time.Millisecond, "warm-up before each measured phase")
-	flagPairs    = flag.Int("pairs", 16, "sender/receiver pairs in the throughput phases")
-	flagInflight = flag.Int("inflight", 32, "packets in flight per pair in the closed-loop phase")
-	flagSize     = flag.Int("size", 1200, "packet size in bytes")
-	flagConns    = flag.Int("conns", 10000, "idle connections in the memory phase")
-	flagSTUNSock = flag.Int("stun-sockets", 8, "client sockets in the STUN phase")
-	flagSTUNOut  = flag.Int("stun-outstanding", 8, "requests outstanding per STUN socket")
-	flagTargets  = flag.String("targets", "xderpd,reference", "implementations to measure")
-	flagRounds   = flag.Int("rounds", 2, "measure each phase (except memory) this many times per implementation and keep the best figure")
-	flagPhases   = flag.String("phases", "closed,overload,latency,memory,stun,ceiling", "phases to run")
+	flagDuration   = flag.Duration("duration", 5*time.Second, "measuring time of each throughput, latency and STUN phase")
+	flagWarmup     = flag.Duration("warmup", 500*time.Millisecond, "warm-up before each measured phase")
+	flagPairs      = flag.Int("pairs", 16, "sender/receiver pairs in the throughput phases")
+	flagInflight   = flag.Int("inflight", 32, "packets in flight per pair in the closed-loop phase")
+	flagSize       = flag.Int("size", 1200, "packet size in bytes")
+	flagConns      = flag.Int("conns", 10000, "idle connections in the memory phase")
+	flagSTUNSock   = flag.Int("stun-sockets", 8, "client sockets in the STUN phase")
+	flagSTUNOut    = flag.Int("stun-outstanding", 8, "requests outstanding per STUN socket")
+	flagTargets    = flag.String("targets", "xderpd,reference", "implementations to measure")
+	flagRounds     = flag.Int("rounds", 2, "measure each phase (except memory) this many times per implementation and keep the best figure")
+	flagPhases     = flag.String("phases", "closed,overload,latency,memory,stun,ceiling,handshake", "phases to run (stun and ceiling only over http, handshake only over tls)")
+	flagTransports = flag.String("transports", "http,tls", "transports to measure, each printing its own table: http (plain HTTP) and/or tls (both servers with the same self-signed certificate)")
+	flagHSParallel = flag.Int("handshake-parallel", 4, "concurrent dialers in the TLS handshake phase")
+	flagHSMax      = flag.Int("handshake-max", 20000, "at most this many TLS handshakes per measured handshake window")
 )
 
 type result struct {
@@ -57,6 +63,8 @@ type result struct {
 	p50, p99              time.Duration
 	memKiBPerConn         float64
 	stunRPS               float64
+	handshakes            float64 // full TLS handshakes per second
+	handshakeCPU          float64 // handshakes per server CPU-second
 	errs                  []string
 }
 
@@ -69,37 +77,85 @@ func main() {
 	for _, p := range strings.Split(*flagPhases, ",") {
 		phases[strings.TrimSpace(p)] = true
 	}
+	var transports []string
+	for _, t := range strings.Split(*flagTransports, ",") {
+		switch t = strings.TrimSpace(t); t {
+		case "http", "tls":
+			transports = append(transports, t)
+		case "":
+		default:
+			log.Fatalf("-transports: unknown transport %q (want http, tls or both)", t)
+		}
+	}
 	dir, err := os.MkdirTemp("", "xderp-bench-")
 	if err != nil {
 		log.Fatal(err)
 	}
 	defer os.RemoveAll(dir)
 
-	results := map[target.Kind]*result{}
 	var kinds []target.Kind
 	for _, k := range strings.Split(*flagTargets, ",") {
 		kinds = append(kinds, target.Kind(strings.TrimSpace(k)))
 	}
 	bins := map[target.Kind]string{}
+	buildErrs := map[target.Kind]string{}
 	for _, k := range kinds {
-		r := &result{}
-		results[k] = r
 		bin, err := target.Build(k, dir)
 		if err != nil {
-			r.errs = append(r.errs, err.Error())
+			buildErrs[k] = err.Error()
 			log.Printf("%s: %v", k, err)
 			continue
 		}
 		bins[k] = bin
 	}
-	// Both servers run side by side for the whole bench; phases measure
+	type table struct {
+		transport string
+		results   map[target.Kind]*result
+		ceilMbps  float64
+		load      string // 1-minute load average when the suite ended
+	}
+	var tables []table
+	for _, tr := range transports {
+		results := map[target.Kind]*result{}
+		for _, k := range kinds {
+			results[k] = &result{}
+			if e, ok := buildErrs[k]; ok {
+				results[k].errs = append(results[k].errs, e)
+			}
+		}
+		ceil := runSuite(tr, dir, kinds, bins, phases, results)
+		tables = append(tables, table{tr, results, ceil, loadAvg()})
+	}
+	for _, t := range tables {
+		printTable(os.Stdout, t.transport, t.load, t.results[target.Xderpd], t.results[target.Reference], t.ceilMbps)
+	}
+}
+
+// startRelay starts the server for k over the given transport.
+func startRelay(transport, dir string, k target.Kind, bin string) (relay, error) {
+	if transport == "tls" {
+		return startTLS(k, bin, dir)
+	}
+	s, err := target.Start(k, bin, target.Options{Dir: dir})
+	if err != nil {
+		return nil, err
+	}
+	return plainRelay{s}, nil
+}
+
+// runSuite runs the phases against every built implementation over one
+// transport ("http" or "tls") and returns the ceiling figure (plain HTTP
+// only: STUN and the ceiling do not depend on TLS and are not repeated).
+func runSuite(transport, dir string, kinds []target.Kind, bins map[target.Kind]string, phases map[string]bool, results map[target.Kind]*result) float64 {
+	log.Printf("=== transport %s ===", transport)
+	// Both servers run side by side for the whole suite; phases measure
 	// one at a time so they do not compete for the two cores.
-	servers := map[target.Kind]*target.Server{}
+	servers := map[target.Kind]relay{}
 	for _, k := range kinds {
 		if bins[k] == "" {
 			continue
 		}
-		s, err := target.Start(k, bins[k], target.Options{Dir: dir})
+		s, err := startRelay(transport, dir, k, bins[k])
 		if err != nil {
 			results[k].errs = append(results[k].errs, err.Error())
 			log.Printf("%s: %v", k, err)
@@ -107,7 +163,7 @@ func main() {
 		}
 		defer s.Stop(10 * time.Second)
 		servers[k] = s
-		log.Printf("%s: pid %d on %s (stun %s)", k, s.PID(), s.HostPort(), s.STUNAddr())
+		log.Printf("%s: pid %d on %s over %s (stun %s)", k, s.PID(), s.HostPort(), transport, s.STUNAddr())
 	}
 
 	// Phases run in the outer loop and implementations in the inner one, so
@@ -115,10 +171,10 @@ func main() {
 	// best of N.
 	type phase struct {
 		name string
-		run  func(k target.Kind, s *target.Server, r *result) error
+		run  func(k target.Kind, s relay, r *result) error
 	}
 	all := []phase{
-		{"closed", func(k target.Kind, s *target.Server, r *result) error {
+		{"closed", func(k target.Kind, s relay, r *result) error {
 			pps, _, err := throughput(s, true)
 			if pps > r.closedPPS {
 				r.closedPPS, r.closedMbps = pps, pps*float64(*flagSize)*8/1e6
@@ -127,7 +183,7 @@ func main() {
 			log.Printf("%s closed-loop: %.0f pkt/s, %.0f Mbit/s", k, pps, pps*float64(*flagSize)*8/1e6)
 			return err
 		}},
-		{"overload", func(k target.Kind, s *target.Server, r *result) error {
+		{"overload", func(k target.Kind, s relay, r *result) error {
 			pps, offered, err := throughput(s, false)
 			if pps > r.overPPS {
 				r.overPPS, r.overOffered = pps, offered
@@ -136,7 +192,7 @@ func main() {
 			log.Printf("%s overload: %.0f pkt/s delivered of %.0f pkt/s sent", k, pps, offered)
 			return err
 		}},
-		{"latency", func(k target.Kind, s *target.Server, r *result) error {
+		{"latency", func(k target.Kind, s relay, r *result) error {
 			p50, p99, err := latency(s)
 			if r.p99 == 0 || (p99 > 0 && p99 < r.p99) {
 				r.p50, r.p99 = p50, p99
@@ -144,17 +200,28 @@ func main() {
 			log.Printf("%s rtt: p50 %v p99 %v", k, p50, p99)
 			return err
 		}},
-		{"stun", func(k target.Kind, s *target.Server, r *result) error {
+		{"stun", func(k target.Kind, s relay, r *result) error {
 			rps, err := stunRate(s)
 			r.stunRPS = max(r.stunRPS, rps)
 			r.stunCPU = max(r.stunCPU, perCPU(rps))
 			log.Printf("%s stun: %.0f responses/s", k, rps)
 			return err
 		}},
-		{"memory", func(k target.Kind, _ *target.Server, r *result) error {
+		{"handshake", func(k target.Kind, s relay, r *result) error {
+			t, ok := s.(*tlsRelay)
+			if !ok {
+				return nil
+			}
+			hps, perSec, err := handshakeRate(t)
+			r.handshakes = max(r.handshakes, hps)
+			r.handshakeCPU = max(r.handshakeCPU, perSec)
+			log.Printf("%s TLS handshakes: %.0f/s", k, hps)
+			return err
+		}},
+		{"memory", func(k target.Kind, _ relay, r *result) error {
 			// A fresh process so the baseline is not inflated by the
 			// buffers the throughput phases grew.
-			fresh, err := target.Start(k, bins[k], target.Options{Dir: dir})
+			fresh, err := startRelay(transport, dir, k, bins[k])
 			if err != nil {
 				return err
 			}
@@ -169,6 +236,12 @@ func main() {
 	}
 	for _, ph := range all {
 		if !phases[ph.name] {
+			continue
+		}
+		if transport == "tls" && ph.name == "stun" {
+			continue // STUN is UDP: the same with or without TLS
+		}
+		if transport == "http" && ph.name == "handshake" {
 			continue
 		}
 		rounds := *flagRounds
@@ -189,7 +262,7 @@ func main() {
 		}
 	}
 	var ceilMbps float64
-	if phases["ceiling"] {
+	if phases["ceiling"] && transport == "http" {
 		var err error
 		ceilMbps, err = ceiling()
 		if err != nil {
@@ -197,7 +270,31 @@ func main() {
 		}
 		log.Printf("ceiling: %.0f Mbit/s through an io.Copy relay", ceilMbps)
 	}
-	printTable(os.Stdout, results[target.Xderpd], results[target.Reference], ceilMbps)
+	return ceilMbps
+}
+
+// relay is one running server as the phases see it: how to reach it and
+// what it reports about itself.
+type relay interface {
+	kind() target.Kind
+	newClient(priv key.NodePrivate) (*derphttp.Client, error)
+	PID() int
+	HostPort() string
+	STUNAddr() string
+	CPUSeconds() (float64, error)
+	RSSKiB() (int64, error)
+	Metric(ctx context.Context, name string) (float64, error)
+	MetricSum(ctx context.Context, name string) (float64, error)
+	Stop(d time.Duration) error
+}
+
+// plainRelay is a server on plain HTTP, run by the shared target package.
+type plainRelay struct{ *target.Server }
+
+func (p plainRelay) kind() target.Kind { return p.Kind }
+
+func (p plainRelay) newClient(priv key.NodePrivate) (*derphttp.Client, error) {
+	return derphttp.NewClient(priv, p.DERPURL(), quiet, netmon.NewStatic())
 }
 
 func raiseNoFile() {
@@ -218,9 +315,9 @@ type client struct {
 	pub  key.NodePublic
 }
 
-func connect(ctx context.Context, s *target.Server) (*client, error) {
+func connect(ctx context.Context, s relay) (*client, error) {
 	priv := key.NewNode()
-	c, err := derphttp.NewClient(priv, s.DERPURL(), quiet, netmon.NewStatic())
+	c, err := s.newClient(priv)
 	if err != nil {
 		return nil, err
 	}
@@ -233,7 +330,7 @@ func connect(ctx context.Context, s *target.Server) (*client, error) {
 
 // pairUp connects n sender/receiver pairs and makes sure each receiver is
 // registered (a sync packet from its sender arrived).
-func pairUp(s *target.Server, n int) (senders, receivers []*client, err error) {
+func pairUp(s relay, n int) (senders, receivers []*client, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	closeAll := func() {
@@ -278,7 +375,7 @@ func awaitSync(a, b *client, arrived *atomic.Bool) error {
 // at most inflight packets in flight (a receiver returns a credit per
 // packet; a credit not returned within 1 s counts as lost and is
 // reissued). Otherwise senders are unthrottled. Returns delivered pkt/s.
-func throughput(s *target.Server, closed bool) (delivered, offered float64, err error) {
+func throughput(s relay, closed bool) (delivered, offered float64, err error) {
 	senders, receivers, err := pairUp(s, *flagPairs)
 	if err != nil {
 		return 0, 0, err
@@ -399,7 +496,7 @@ func throughput(s *target.Server, closed bool) (delivered, offered float64, err 
 	genCPU := selfCPU() - self0
 	after := serverCounters(s)
 	log.Printf("%s %s: server counted per second: %s; CPU cores busy: server %.2f, load generator %.2f",
-		s.Kind, map[bool]string{true: "closed-loop", false: "overload"}[closed], after.rateSince(before, elapsed),
+		s.kind(), map[bool]string{true: "closed-loop", false: "overload"}[closed], after.rateSince(before, elapsed),
 		lastCPU/elapsed.Seconds(), genCPU/elapsed.Seconds())
 	stop.Store(true)
 	close(stopped)
@@ -409,14 +506,14 @@ func throughput(s *target.Server, closed bool) (delivered, offered float64, err 
 	swg.Wait()
 	wg.Wait()
 	if closed && lost.Load() > 0 {
-		log.Printf("%s closed-loop: %d credits timed out (packets lost)", s.Kind, lost.Load())
+		log.Printf("%s closed-loop: %d credits timed out (packets lost)", s.kind(), lost.Load())
 	}
 	return float64(n) / elapsed.Seconds(), float64(m) / elapsed.Seconds(), firstErr
 }
 
 // latency measures round trips a -> relay -> b -> relay -> a of one packet
 // at a time, for the phase duration (at most 500,000 samples).
-func latency(s *target.Server) (p50, p99 time.Duration, err error) {
+func latency(s relay) (p50, p99 time.Duration, err error) {
 	senders, receivers, err := pairUp(s, 1)
 	if err != nil {
 		return 0, 0, err
@@ -536,7 +633,7 @@ func perCPU(rate float64) float64 {
 // counters are the server's own packet counters (derper's names).
 type counters struct{ received, sent, dropped float64 }
 
-func serverCounters(s *target.Server) counters {
+func serverCounters(s relay) counters {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	var c counters
@@ -570,7 +667,7 @@ func getSeq(b []byte) uint64 {
 
 // memoryPerConn opens n idle, fully handshaken connections and returns the
 // growth of the server's VmRSS per connection, in KiB.
-func memoryPerConn(s *target.Server, n int) (float64, error) {
+func memoryPerConn(s relay, n int) (float64, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	before, err := stableRSS(s)
@@ -630,7 +727,7 @@ func memoryPerConn(s *target.Server, n int) (float64, error) {
 
 // stableRSS polls VmRSS until two readings 500 ms apart differ by less than
 // 0.5% (at most 5 s) and returns the last.
-func stableRSS(s *target.Server) (int64, error) {
+func stableRSS(s relay) (int64, error) {
 	prev, err := s.RSSKiB()
 	if err != nil {
 		return 0, err
@@ -658,7 +755,7 @@ func stableRSS(s *target.Server) (int64, error) {
 // sends and receives in batches (sendmmsg/recvmmsg) and cycles through
 // pre-built requests, so that on a small machine it costs less CPU per
 // request than the server and the figure is the server's.
-func stunRate(s *target.Server) (float64, error) {
+func stunRate(s relay) (float64, error) {
 	var counting, stop atomic.Bool
 	var answered atomic.Int64
 	var wg sync.WaitGroup
@@ -753,7 +850,7 @@ func stunRate(s *target.Server) (float64, error) {
 	elapsed := time.Since(start)
 	cpu1, _ := s.CPUSeconds()
 	lastCPU = cpu1 - cpu0
-	log.Printf("%s stun: CPU cores busy: server %.2f, load generator %.2f", s.Kind, lastCPU/elapsed.Seconds(), (selfCPU()-self0)/elapsed.Seconds())
+	log.Printf("%s stun: CPU cores busy: server %.2f, load generator %.2f", s.kind(), lastCPU/elapsed.Seconds(), (selfCPU()-self0)/elapsed.Seconds())
 	stop.Store(true)
 	wg.Wait()
 	select {
@@ -846,15 +943,19 @@ func ceiling() (float64, error) {
 	return float64(bytes.Load()) * 8 / 1e6 / elapsed.Seconds(), nil
 }
 
-func printTable(w io.Writer, x, r *result, ceilMbps float64) {
+func printTable(w io.Writer, transport, load string, x, r *result, ceilMbps float64) {
 	if x == nil {
 		x = &result{}
 	}
 	if r == nil {
 		r = &result{}
 	}
-	fmt.Fprintf(w, "\nxderp benchmark: %d pairs, %d in flight, %d-byte packets, %v per phase, best of %d, %d idle connections, GOMAXPROCS %d on %d CPUs, load average %s\n\n",
-		*flagPairs, *flagInflight, *flagSize, *flagDuration, *flagRounds, *flagConns, runtime.GOMAXPROCS(0), runtime.NumCPU(), loadAvg())
+	over := "plain HTTP"
+	if transport == "tls" {
+		over = "TLS (one self-signed ECDSA P-256 certificate for both, pinned by CertName; the targets are the plain-HTTP ones)"
+	}
+	fmt.Fprintf(w, "\nxderp benchmark over %s: %d pairs, %d in flight, %d-byte packets, %v per phase, best of %d, %d idle connections, GOMAXPROCS %d on %d CPUs, load average %s\n\n",
+		over, *flagPairs, *flagInflight, *flagSize, *flagDuration, *flagRounds, *flagConns, runtime.GOMAXPROCS(0), runtime.NumCPU(), load)
 	fmt.Fprintln(w, "| metric | xderpd | reference (derper) | ratio | target | met? |")
 	fmt.Fprintln(w, "|---|---|---|---|---|---|")
 	ratio := func(a, b float64) (float64, bool) {
@@ -916,15 +1017,24 @@ func printTable(w io.Writer, x, r *result, ceilMbps float64) {
 	row("round trip p99 (µs)", num(us(x.p99), "%.0f"), num(us(r.p99), "%.0f"), rt, ok, "<= 0.7x", func(v float64) bool { return v <= 0.7 })
 	rt, ok = ratio(x.memKiBPerConn, r.memKiBPerConn)
 	row("RSS per idle connection (KiB)", num(x.memKiBPerConn, "%.2f"), num(r.memKiBPerConn, "%.2f"), rt, ok, "<= 0.33x", func(v float64) bool { return v <= 1.0/3 })
-	rt, ok = ratio(x.stunRPS, r.stunRPS)
-	row("STUN responses/s", num(x.stunRPS, "%.0f"), num(r.stunRPS, "%.0f"), rt, ok, ">= 2x", func(v float64) bool { return v >= 2 })
+	if transport != "tls" {
+		rt, ok = ratio(x.stunRPS, r.stunRPS)
+		row("STUN responses/s", num(x.stunRPS, "%.0f"), num(r.stunRPS, "%.0f"), rt, ok, ">= 2x", func(v float64) bool { return v >= 2 })
+	}
 	rt, ok = ratio(x.closedCPU, r.closedCPU)
 	row("closed-loop pkt per server CPU-second", num(x.closedCPU, "%.0f"), num(r.closedCPU, "%.0f"), rt, ok, "-", nil)
 	rt, ok = ratio(x.overCPU, r.overCPU)
 	row("overload delivered pkt per server CPU-second", num(x.overCPU, "%.0f"), num(r.overCPU, "%.0f"), rt, ok, "-", nil)
-	rt, ok = ratio(x.stunCPU, r.stunCPU)
-	row("STUN responses per server CPU-second", num(x.stunCPU, "%.0f"), num(r.stunCPU, "%.0f"), rt, ok, "-", nil)
-	fmt.Fprintf(w, "| ceiling: loopback TCP through an io.Copy relay (Mbit/s) | %s | | | - | - |\n", num(ceilMbps, "%.0f"))
+	if transport == "tls" {
+		rt, ok = ratio(x.handshakes, r.handshakes)
+		row("full TLS handshakes/s", num(x.handshakes, "%.0f"), num(r.handshakes, "%.0f"), rt, ok, "-", nil)
+		rt, ok = ratio(x.handshakeCPU, r.handshakeCPU)
+		row("full TLS handshakes per server CPU-second", num(x.handshakeCPU, "%.0f"), num(r.handshakeCPU, "%.0f"), rt, ok, "-", nil)
+	} else {
+		rt, ok = ratio(x.stunCPU, r.stunCPU)
+		row("STUN responses per server CPU-second", num(x.stunCPU, "%.0f"), num(r.stunCPU, "%.0f"), rt, ok, "-", nil)
+		fmt.Fprintf(w, "| ceiling: loopback TCP through an io.Copy relay (Mbit/s) | %s | | | - | - |\n", num(ceilMbps, "%.0f"))
+	}
 	for name, res := range map[string]*result{"xderpd": x, "reference": r} {
 		for _, e := range res.errs {
 			fmt.Fprintf(w, "\n%s: %s", name, e)

@@ -282,7 +282,9 @@ func (c *Config) Validate() error {
 	default:
 		return fieldErr("certmode", "%q is not a certificate mode (letsencrypt or manual)", c.CertMode)
 	}
-	if c.TLS() {
+	// -version and -xdp-detach only act and exit: nothing is served, so the
+	// serving settings need no checking.
+	if c.TLS() && !c.XDPDetach && !c.PrintVersion {
 		if c.Hostname == "" {
 			return fieldErr("hostname", "required when serving TLS (-a port 443 or -certmode=manual)")
 		}

@@ -179,3 +179,13 @@ func TestDerperOnlyFlagsAreNamed(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestDetachNeedsNoServingSettings(t *testing.T) {
+	c, err := Parse([]string{"-xdp-detach", "-xdp-iface", "eth0"}, io.Discard)
+	if err != nil {
+		t.Fatalf("-xdp-detach alone refused: %v", err)
+	}
+	if !c.XDPDetach || c.XDPIface != "eth0" {
+		t.Errorf("%+v", c)
+	}
+}

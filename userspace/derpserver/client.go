@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/xderp/xderp/userspace/derp"
@@ -118,7 +119,10 @@ type sclient struct {
 	lastEntry *keyEntry
 	stats     localStats
 	waitTimer *time.Timer
-	notHere   struct {
+	// moreBuffered: another frame from this client is already buffered
+	// (set before routing each packet; see enqueuePacket).
+	moreBuffered bool
+	notHere      struct {
 		tokens float64
 		last   time.Time
 	}
@@ -129,6 +133,12 @@ type sclient struct {
 	pendingSrc   map[derp.PublicKey]struct{} // keys in Server.pendingRecv for this conn; written with Server.mu held
 	lastSrcEntry *keyEntry
 	deadlineSet  time.Time // when the write deadline was last moved
+	// An inline write that the socket took only in part: the writer
+	// goroutine writes the rest of pending.frame()[pendingOff:] first.
+	pending    *packet
+	pendingOff int
+
+	rc syscall.RawConn // raw socket for inline writes; nil if not a plain socket
 }
 
 // readLoop reads and dispatches frames until the connection fails.
@@ -239,6 +249,7 @@ func (c *sclient) handleSendPacket(cr *connReader, n uint32) error {
 	ls.dirty = true
 	p.src = c.key
 	p.srcEntry = c.entry
+	c.moreBuffered = cr.buffered() >= derp.FrameHeaderLen
 	c.route(dst, p, false)
 	return nil
 }
@@ -265,6 +276,7 @@ func (c *sclient) handleForwardPacket(cr *connReader, n uint32) error {
 	c.stats.dirty = true
 	p.src = src
 	p.srcEntry = nil
+	c.moreBuffered = cr.buffered() >= derp.FrameHeaderLen
 	c.route(dst, p, true)
 	return nil
 }
@@ -445,6 +457,16 @@ func (c *sclient) enqueuePacket(p *packet, from *sclient) {
 		ring = &c.disco
 	}
 	c.mu.Lock()
+	if !c.s.opts.DisableInlineWrites && !from.moreBuffered && c.rc != nil && !c.writerRunning && !c.closed && c.idleLocked() {
+		// Nothing queued, no writer, and the sender has no further frame
+		// buffered (a burst is better batched by a writer goroutine):
+		// write it from here, saving the hand-off to a writer goroutine
+		// (a wake-up and two context switches) on the common path.
+		c.writerRunning = true
+		c.mu.Unlock()
+		c.writeInline(p, from)
+		return
+	}
 	for waited := false; ; waited = true {
 		if c.closed {
 			c.mu.Unlock()
@@ -476,6 +498,55 @@ func (c *sclient) enqueuePacket(p *packet, from *sclient) {
 		putPacket(old)
 	}
 	c.startOrWake(start, wake)
+}
+
+// idleLocked reports whether nothing at all is queued.
+func (c *sclient) idleLocked() bool {
+	return c.data.n == 0 && c.disco.n == 0 && len(c.ctrl) == 0 && !c.pongPending && !c.keepAliveDue && !c.closeAfter
+}
+
+// writeInline writes one packet from the sender's goroutine while holding
+// the writer role (writerRunning), without waiting: what the socket does
+// not take at once is left to a writer goroutine.
+func (c *sclient) writeInline(p *packet, from *sclient) {
+	c.noteSrc(p)
+	frame := p.frame()
+	n, err := rawWriteNow(c.rc, frame)
+	if n == len(frame) {
+		from.stats.sentPackets++
+		from.stats.sentBytes += uint64(len(p.data))
+		from.stats.dirty = true
+		putPacket(p)
+	} else if err != nil && err != syscall.EAGAIN {
+		from.stats.drop(dropWriteError, p.disco, len(p.data))
+		putPacket(p)
+		c.closeReason.CompareAndSwap(nil, &crWriteErrorStr)
+		c.conn.Close()
+	} else {
+		c.pending, c.pendingOff = p, n
+	}
+	c.mu.Lock()
+	if c.pending == nil && (c.closed || c.idleLocked()) {
+		var drops []*packet
+		if c.closed {
+			drops = c.takePacketsLocked(nil)
+			c.ctrl = nil
+		}
+		c.writerRunning = false
+		c.mu.Unlock()
+		for _, d := range drops {
+			c.s.m.recordDrop(dropGoneDisconnected, d.data)
+			putPacket(d)
+		}
+		return
+	}
+	// The rest of the frame, or what others queued meanwhile, goes to a
+	// writer goroutine. The sender's reader is running, so the wait group
+	// is not zero.
+	c.s.wg.Add(1)
+	c.mu.Unlock()
+	c.s.m.writerStarts.Inc()
+	go c.writeLoop()
 }
 
 // waitSpace waits (as a sender) until ch is closed or QueueFullWait passes.
@@ -629,6 +700,28 @@ func (c *sclient) writeLoop() {
 		}
 	}()
 
+	if p := c.pending; p != nil {
+		c.pending = nil
+		frame := p.frame()[c.pendingOff:]
+		if c.writeTimeout > 0 {
+			now := time.Now()
+			c.conn.SetWriteDeadline(now.Add(c.writeTimeout))
+			c.deadlineSet = now
+		}
+		if _, err := c.conn.Write(frame); err != nil {
+			s.m.recordDrop(dropWriteError, p.data)
+			failed = err
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				s.m.writeTimeouts.Inc()
+			}
+			c.closeReason.CompareAndSwap(nil, &crWriteErrorStr)
+			c.conn.Close()
+		} else {
+			s.m.packetsSent.Inc()
+			s.m.bytesSent.Add(uint64(len(p.data)))
+		}
+		putPacket(p)
+	}
 	for {
 		c.mu.Lock()
 		if c.closed || failed != nil {

@@ -23,6 +23,8 @@ type connReader struct {
 	// the netpoller; onPark runs just before it parks.
 	hot    int
 	onPark func()
+
+	small *[512]byte // plain mode only: first read after idling
 }
 
 // directReadMin is the payload size above which a payload missing from the
@@ -62,10 +64,9 @@ func (cr *connReader) buffered() int { return cr.w - cr.r }
 // readMore reads at least one more byte into the chunk.
 func (cr *connReader) readMore() error {
 	if cr.r == cr.w {
-		if cr.rc != nil {
-			cr.release() // wait for data without a buffer
-		} else {
-			cr.r, cr.w = 0, 0
+		cr.release() // wait for data without holding a chunk
+		if cr.rc == nil {
+			return cr.plainFillIdle()
 		}
 	} else if cr.w == len(cr.buf) {
 		// Move the partial frame to the front.
@@ -82,6 +83,27 @@ func (cr *connReader) readMore() error {
 	n, err := cr.conn.Read(cr.buf[cr.w:])
 	cr.w += n
 	if n > 0 {
+		return nil
+	}
+	if err == nil {
+		err = io.ErrNoProgress
+	}
+	return err
+}
+
+// plainFillIdle is readMore for plain connections (TLS, WebSocket) with
+// nothing buffered: the blocking read goes into a small array inside the
+// reader, and a chunk is taken only once data has arrived, so an idle
+// connection holds no chunk. (A TLS connection serves such reads from its
+// own record buffer, so the small first read costs no extra system call.)
+func (cr *connReader) plainFillIdle() error {
+	if cr.small == nil {
+		cr.small = new([512]byte)
+	}
+	n, err := cr.conn.Read(cr.small[:])
+	if n > 0 {
+		cr.acquire()
+		cr.w = copy(cr.buf, cr.small[:n])
 		return nil
 	}
 	if err == nil {

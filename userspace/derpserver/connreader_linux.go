@@ -99,3 +99,26 @@ func rawReadInto(rc syscall.RawConn, p []byte) (int, error) {
 	}
 	return n, nil
 }
+
+// rawWriteNow writes as much of b as the socket takes without waiting.
+// It returns syscall.EAGAIN (with n == 0) if the socket buffer is full.
+func rawWriteNow(rc syscall.RawConn, b []byte) (int, error) {
+	var n int
+	var werr error
+	err := rc.Write(func(fd uintptr) bool {
+		for {
+			n, werr = syscall.Write(int(fd), b)
+			if werr != syscall.EINTR {
+				break
+			}
+		}
+		return true // never wait: the caller queues what is left
+	})
+	if n < 0 {
+		n = 0
+	}
+	if err != nil {
+		return n, err
+	}
+	return n, werr
+}

@@ -14,3 +14,5 @@ func rawConnOf(net.Conn) syscall.RawConn { return nil }
 func (cr *connReader) rawFill() error { return errors.ErrUnsupported }
 
 func rawReadInto(syscall.RawConn, []byte) (int, error) { return 0, errors.ErrUnsupported }
+
+func rawWriteNow(syscall.RawConn, []byte) (int, error) { return 0, errors.ErrUnsupported }

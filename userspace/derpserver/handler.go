@@ -210,6 +210,7 @@ func (s *Server) handshake(ctx context.Context, nc net.Conn, br *bufio.Reader, f
 		wake:      make(chan struct{}, 1),
 		// Until serveConn has written ServerInfo (see there).
 		writerRunning: true,
+		rc:            rawConnOf(nc),
 	}
 	c.flags = presentFlags(mesh, info.IsProber, notIdeal)
 	c.writeTimeout = s.opts.WriteTimeout

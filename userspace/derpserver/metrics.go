@@ -99,6 +99,7 @@ type serverMetrics struct {
 	writerStarts          *metrics.Counter
 	writersActive         *metrics.Gauge
 	websocketAccepts      *metrics.Counter
+	inlineWrites          *metrics.Counter
 	queueWaits            *metrics.Counter
 	queueWaitTimeouts     *metrics.Counter
 	readSyscalls          *metrics.Counter
@@ -192,6 +193,7 @@ func (s *Server) registerMetrics(r *metrics.Registry) {
 	m.writersActive = r.Gauge("xderp_writers_active", "Writer goroutines currently running (idle connections have none)")
 	m.queueWaits = r.Counter("xderp_queue_full_waits_total", "Times a sender waited for a full destination queue and the writer took it in time (back-pressure)")
 	m.queueWaitTimeouts = r.Counter("xderp_queue_full_wait_timeouts_total", "Times a sender's wait for a full destination queue timed out (queue marked stalled)")
+	m.inlineWrites = r.Counter("xderp_inline_writes_total", "Packets written directly by the sender's reader because the destination had nothing queued and no writer running")
 	m.readSyscalls = r.Counter("xderp_read_calls_total", "Reads from client connections after the handshake")
 	m.restartingFrames = r.Counter("xderp_restarting_frames_total", "Restarting frames written (server shutdown)")
 	m.healthFrames = r.Counter("xderp_health_frames_total", "Health frames written")
@@ -212,6 +214,8 @@ type localStats struct {
 	dropBytes    [numDropReasons][2]uint64
 	forwardedOut uint64
 	forwardedIn  uint64
+	sentPackets  uint64 // written inline by this reader
+	sentBytes    uint64
 	frames       int
 	dirty        bool
 }
@@ -241,6 +245,11 @@ func (ls *localStats) flush(m *serverMetrics) {
 				m.bytesDropped[r][k].Add(ls.dropBytes[r][k])
 			}
 		}
+	}
+	if ls.sentPackets != 0 {
+		m.packetsSent.Add(ls.sentPackets)
+		m.bytesSent.Add(ls.sentBytes)
+		m.inlineWrites.Add(ls.sentPackets)
 	}
 	if ls.forwardedOut != 0 {
 		m.forwardedOut.Add(ls.forwardedOut)

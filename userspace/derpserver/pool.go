@@ -14,9 +14,23 @@ import (
 type packet struct {
 	src      derp.PublicKey
 	srcEntry *keyEntry // sender's registry entry, nil for forwarded-in packets
-	data     []byte
-	enq      int64 // monotonic nanoseconds at enqueue
+	buf      []byte    // the pooled buffer: frameHeadroom bytes, then data
+	data     []byte    // the packet, buf[frameHeadroom:frameHeadroom+n]
+	enq      int64     // monotonic nanoseconds at enqueue
 	disco    bool
+}
+
+// frameHeadroom is room before the packet for a RecvPacket header and
+// source key, so a packet can be written as one frame without a copy.
+const frameHeadroom = derp.FrameHeaderLen + derp.KeyLen
+
+// frame fills the headroom with a RecvPacket header and the source key and
+// returns the whole frame.
+func (p *packet) frame() []byte {
+	f := p.buf[:frameHeadroom+len(p.data)]
+	derp.PutFrameHeader(f, derp.FrameRecvPacket, uint32(derp.KeyLen+len(p.data)))
+	copy(f[derp.FrameHeaderLen:], p.src[:])
+	return f
 }
 
 // Size classes for packet buffers: small control/disco, typical WireGuard
@@ -27,7 +41,7 @@ var packetPools [len(packetClasses)]sync.Pool
 
 func init() {
 	for i, size := range packetClasses {
-		packetPools[i].New = func() any { return &packet{data: make([]byte, 0, size)} }
+		packetPools[i].New = func() any { return &packet{buf: make([]byte, frameHeadroom+size)} }
 	}
 }
 
@@ -42,17 +56,17 @@ func classFor(n int) int {
 
 func getPacket(n int) *packet {
 	p := packetPools[classFor(n)].Get().(*packet)
-	p.data = p.data[:n]
+	p.data = p.buf[frameHeadroom : frameHeadroom+n]
 	return p
 }
 
 func putPacket(p *packet) {
-	c := classFor(cap(p.data))
-	if c < 0 || packetClasses[c] != cap(p.data) {
+	c := classFor(len(p.buf) - frameHeadroom)
+	if c < 0 || packetClasses[c] != len(p.buf)-frameHeadroom {
 		return
 	}
 	p.srcEntry = nil
-	p.data = p.data[:0]
+	p.data = nil
 	packetPools[c].Put(p)
 }
 

@@ -4,10 +4,12 @@
 // bounded send queues with drop accounting, batched writers, PeerGone /
 // PeerPresent bookkeeping, and the relay's metrics.
 //
-// Each established connection has one reader goroutine; a writer goroutine
-// is started when there is something to send and exits after an idle
-// period, so an idle connection holds one parked goroutine, a small struct
-// and no I/O buffers (on plain TCP sockets).
+// Each established connection has one reader goroutine. A packet that
+// finds its destination idle is written directly by the sender's reader;
+// otherwise a writer goroutine is started, batches what is queued into
+// single writes and exits after an idle period. So an idle connection
+// holds one parked goroutine, a small struct and no I/O buffers (on plain
+// TCP sockets).
 package derpserver
 
 import (
@@ -19,6 +21,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -87,6 +90,12 @@ type Options struct {
 	// queue whose writer is making progress (see enqueuePacket); default
 	// 5ms; negative means never wait (always drop the oldest packet).
 	QueueFullWait time.Duration
+	// DisableInlineWrites turns off writing a packet directly from the
+	// sender's goroutine when its destination has nothing queued (see
+	// enqueuePacket); every packet then goes through a writer goroutine.
+	// The environment variable XDERP_DISABLE_INLINE_WRITES=1 does the same
+	// (for benchmarks). Default false.
+	DisableInlineWrites bool
 	// Admit, if set, is called after the client's box has been opened.
 	Admit AdmitFunc
 	// CloseGrace is how long Close waits for clients to receive the
@@ -207,6 +216,9 @@ func New(opts Options) (*Server, error) {
 	}
 	if o.QueueFullWait == 0 {
 		o.QueueFullWait = DefaultQueueFullWait
+	}
+	if os.Getenv("XDERP_DISABLE_INLINE_WRITES") == "1" {
+		o.DisableInlineWrites = true
 	}
 	if o.MaxSkipFrame <= 0 {
 		o.MaxSkipFrame = DefaultMaxSkipFrame

@@ -5,10 +5,12 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"strings"
 	"sync"
@@ -353,6 +355,12 @@ func TestHostileInputKeepsServing(t *testing.T) {
 		expectClosed(t, conn, br)
 		alive("garbage")
 	})
+	t.Run("wrong magic instead of HTTP", func(t *testing.T) {
+		conn := dialRaw(t, ts.addr)
+		conn.Write([]byte(derp.Magic + "\x01\x02\x03 not http\r\n\r\n"))
+		expectClosed(t, conn, conn)
+		alive("not http")
+	})
 	t.Run("wrong first frame", func(t *testing.T) {
 		conn, br := upgrade()
 		conn.Write(derp.AppendPing(nil, [8]byte{}))
@@ -581,5 +589,100 @@ func TestOverPipe(t *testing.T) {
 	go a.send(b.pub, []byte("small"))
 	if _, p := b.recvPacket(); string(p) != "small" {
 		t.Fatal("small packet over pipe")
+	}
+}
+
+// TestInlineWritesKeepOrder: a packet that arrives alone for a destination
+// with nothing queued is written directly by the sender's goroutine; when
+// the destination stops reading, those direct writes fill its socket, are
+// cut short, and hand the rest to a writer goroutine. Every packet must
+// still arrive once, whole, in order.
+func TestInlineWritesKeepOrder(t *testing.T) {
+	ts := newTestServer(t, Options{WriteTimeout: 20 * time.Second, QueueDepth: 1024})
+	sender := newClient(t, ts.addr, clientOpts{})
+	rconn := dialRaw(t, ts.addr)
+	rconn.(*net.TCPConn).SetReadBuffer(32 << 10)
+	recv, err := handshakeClient(t, rconn, clientOpts{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	size := func(i int) int {
+		if i < 10 {
+			return 1200
+		}
+		return 60000
+	}
+	pkt := func(i int) []byte {
+		p := make([]byte, size(i))
+		p[0], p[1] = byte(i>>8), byte(i)
+		return p
+	}
+	check := func(i int) {
+		t.Helper()
+		_, p := recv.recvPacket()
+		if len(p) != size(i) || int(p[0])<<8|int(p[1]) != i {
+			t.Fatalf("packet %d: got sequence %d (len %d)", i, int(p[0])<<8|int(p[1]), len(p))
+		}
+	}
+	// A packet that races the end of the handshake is queued and starts a
+	// writer; let any such writer finish its idle period.
+	sender.send(recv.pub, pkt(0))
+	check(0)
+	ts.waitMetric("xderp_writers_active", func(v float64) bool { return v == 0 })
+	// One at a time, receiver reading: written inline.
+	for i := 1; i < 10; i++ {
+		sender.send(recv.pub, pkt(i))
+		check(i)
+	}
+	ts.waitMetric("xderp_inline_writes_total", func(v float64) bool { return v >= 9 })
+	// Receiver not reading: each packet still processed alone (wait until
+	// the server has counted it) until the socket is full.
+	const n = 150
+	for i := 10; i < n; i++ {
+		sender.send(recv.pub, pkt(i))
+		ts.waitMetric("derp_packets_received", func(v float64) bool { return v == float64(i+1) })
+	}
+	for i := 10; i < n; i++ {
+		check(i)
+	}
+	ts.waitMetric("derp_packets_sent", func(v float64) bool { return v == n })
+	if ts.metric("xderp_writer_starts_total") == 0 {
+		t.Fatal("the socket never filled: test did not exercise the hand-over")
+	}
+}
+
+// TestOverTLS runs two clients over TLS (the production transport), which
+// uses the plain-read path with its idle small-buffer reads.
+func TestOverTLS(t *testing.T) {
+	k, _ := derp.NewPrivateKey()
+	s, err := New(Options{PrivateKey: k})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := httptest.NewTLSServer(s)
+	t.Cleanup(func() { hs.Close(); s.Close() })
+	dial := func() *testClient {
+		conn, err := tls.Dial("tcp", hs.Listener.Addr().String(), &tls.Config{InsecureSkipVerify: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		c, err := handshakeClient(t, conn, clientOpts{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	a, b := dial(), dial()
+	for _, n := range []int{1, 1200, derp.MaxPacketSize} {
+		p := randBytes(n)
+		go a.send(b.pub, p)
+		if src, got := b.recvPacket(); src != a.pub || !bytes.Equal(got, p) {
+			t.Fatalf("%d-byte packet over TLS", n)
+		}
+	}
+	a.close()
+	if k, _, _ := derp.ParsePeerGone(b.mustNext(derp.FramePeerGone)); k != a.pub {
+		t.Fatal("PeerGone over TLS")
 	}
 }
