@@ -75,14 +75,31 @@ SDBOOT=/usr/lib/systemd/boot/efi/systemd-bootx64.efi
 [ -f "$SDBOOT" ] || die "missing $SDBOOT: apt-get install --no-install-recommends systemd-boot-efi"
 
 # --- the daemon ------------------------------------------------------------
+# The image needs a static binary (the root has glibc, but a cgo build would
+# tie the daemon to the build host's libc and its DNS resolver). A binary from
+# `make build` with cgo enabled is rebuilt here with CGO_ENABLED=0 into out/.
+is_static() { ! LC_ALL=C readelf -l "$1" 2>/dev/null | grep -q 'INTERP'; }
+build_static() { # build_static OUTPUT
+	[ -d "$TOP/cmd/xderpd" ] || die "no ./cmd/xderpd to build xderpd from"
+	local version
+	version=$(cd "$TOP" && git describe --always --dirty 2>/dev/null || echo dev)
+	log "building a static xderpd ($version) -> $1"
+	(cd "$TOP" && CGO_ENABLED=0 go build -trimpath \
+		-ldflags "-X github.com/xderp/xderp/userspace/daemon.Version=$version" -o "$1" ./cmd/xderpd) ||
+		die "go build ./cmd/xderpd failed"
+}
+mkdir -p "$OUT"
+command -v readelf >/dev/null || die "missing readelf (apt-get install binutils)"
 if [ ! -x "$XDERPD_BIN" ]; then
-	[ -d "$TOP/cmd/xderpd" ] || die "no $XDERPD_BIN and no ./cmd/xderpd to build it from"
-	log "building $XDERPD_BIN"
-	(cd "$TOP" && CGO_ENABLED=0 go build -trimpath -o "$XDERPD_BIN" ./cmd/xderpd)
+	build_static "$XDERPD_BIN"
 fi
-file_is_static() { ! LC_ALL=C readelf -l "$1" 2>/dev/null | grep -q 'INTERP'; }
-if command -v readelf >/dev/null && ! file_is_static "$XDERPD_BIN"; then
-	die "$XDERPD_BIN is dynamically linked; build it with CGO_ENABLED=0"
+if ! is_static "$XDERPD_BIN"; then
+	if [ "$XDERPD_BIN" = "$TOP/bin/xderpd" ]; then
+		build_static "$OUT/xderpd"
+		XDERPD_BIN="$OUT/xderpd"
+	else
+		die "$XDERPD_BIN is dynamically linked; build it with CGO_ENABLED=0"
+	fi
 fi
 
 # --- cached base rootfs (keyed on everything that goes into it) -------------

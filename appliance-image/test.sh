@@ -43,6 +43,9 @@ done
 # shellcheck source=/dev/null
 . "$OUT/layout.env"
 
+# the xderp.conf parser first: seconds, no VM
+"$HERE/config-test.sh" || die "config-test.sh failed"
+
 W=$(mktemp -d "${TMPDIR:-/tmp}/xderp-image-test.XXXXXX")
 QPID=
 NS=xderp-image-$$
@@ -70,7 +73,6 @@ check() { if eval "$2"; then ok "$1"; else bad "$1"; fi; }
 
 free_port() { inns python3 -c 'import socket,sys; s=socket.socket(socket.AF_INET, getattr(socket, sys.argv[1])); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' "$1"; }
 P_TLS=$(free_port SOCK_STREAM)
-P_HTTP=$(free_port SOCK_STREAM)
 P_STUN=$(free_port SOCK_DGRAM)
 
 # --- the image under test: a sparse copy with the test's xderp.conf ----------
@@ -83,6 +85,8 @@ HOSTNAME=10.0.2.15
 CERTMODE=manual
 METRICS_ALLOW=10.0.2.0/24
 XDP=auto
+# no DNS look-ups for time servers: nothing answers inside the test namespace
+NTP=10.0.2.2
 EOF
 MTOOLS_SKIP_CHECK=1 mcopy -o -i "$IMG@@$((CONF_START * 1048576))" "$W/xderp.conf" ::/xderp.conf || die "cannot write xderp.conf into the image"
 cp "$OVMF_VARS" "$W/vars.fd"
@@ -101,7 +105,7 @@ boot() { # boot N: start QEMU in the background, serial to $W/serial-N.log
 		-drive if=pflash,format=raw,readonly=on,file="$OVMF_CODE" \
 		-drive if=pflash,format=raw,file="$W/vars.fd" \
 		-drive if=virtio,format=raw,file="$IMG" \
-		-nic "user,model=virtio-net-pci,restrict=off,hostfwd=tcp:127.0.0.1:$P_TLS-:443,hostfwd=udp:127.0.0.1:$P_STUN-:3478,hostfwd=tcp:127.0.0.1:$P_HTTP-:80" \
+		-nic "user,model=virtio-net-pci,restrict=off,hostfwd=tcp:127.0.0.1:$P_TLS-:443,hostfwd=udp:127.0.0.1:$P_STUN-:3478" \
 		-serial "file:$SERIAL" -monitor "unix:$W/monitor.sock,server,nowait" \
 		-no-reboot >"$W/qemu-$n.log" 2>&1 &
 	QPID=$!
@@ -123,8 +127,24 @@ wait_ready() { # poll the serial log for the status report (or a failure)
 
 powerbutton() {
 	python3 - "$W/monitor.sock" <<'EOF'
-import socket, sys
-s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"system_powerdown\n"); s.close()
+import socket, sys, time
+# Wait for the monitor's prompt before sending, and for the next prompt before
+# closing: QEMU may drop a command whose connection is already gone.
+s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1])
+def until_prompt():
+    buf, end = b"", time.time() + 5
+    while b"(qemu)" not in buf and time.time() < end:
+        try:
+            d = s.recv(4096)
+        except socket.timeout:
+            break
+        if not d:
+            break
+        buf += d
+until_prompt()
+s.sendall(b"system_powerdown\n")
+until_prompt()
+s.close()
 EOF
 }
 poweroff() { # ACPI power button via the monitor; QEMU exits when the guest is off
@@ -157,7 +177,9 @@ status() { grep -a "XDERP-STATUS $1" "$SERIAL" | tail -1 | tr -d '\r'; }
 field() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p" | head -1; }
 
 metric_sum() { # metric_sum REGEX: sum of the sample values whose line matches
-	inns curl -fsS --max-time 10 "http://127.0.0.1:$P_HTTP/metrics" | grep -v '^#' | grep -E "$1" |
+	# over TLS (plain HTTP redirects to HTTPS); the certificate is checked
+	# against the console's pin in tls_checks
+	inns curl -fsSk --max-time 10 "https://127.0.0.1:$P_TLS/metrics" | grep -v '^#' | grep -E "$1" |
 		awk '{s += $NF} END {printf "%d\n", s}'
 }
 
@@ -184,6 +206,7 @@ first_boot_checks() {
 	probe=$(inns python3 "$HERE/stunprobe.py" --port "$P_STUN" --count $n)
 	after=$(metric_sum '^xderp_xdp_packets_total\{.*verdict="(tx|TX|xdp_tx|XDP_TX)"')
 	echo "stun: $probe; xdp tx packets: ${before:-?} -> ${after:-?}"
+	inns curl -fsSk --max-time 10 "https://127.0.0.1:$P_TLS/metrics" | grep -E '^xderp_xdp_packets_total' | grep -v ' 0$' | sed 's/^/  metrics: /'
 	check "STUN requests answered through the forwarded UDP port ($n of $n)" '[[ $probe == answered=$n\ * ]]'
 	check "the XDP tx counter on /metrics counted the STUN answers" \
 		'[ -n "$before" ] && [ -n "$after" ] && [ $((after - before)) -ge $n ]'
