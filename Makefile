@@ -20,7 +20,7 @@ export GOTOOLCHAIN := local
 all: build
 
 build:
-	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/xderpd ./cmd/xderpd
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/xderpd ./cmd/xderpd
 
 run: build
 	./bin/xderpd $(RUN_FLAGS)

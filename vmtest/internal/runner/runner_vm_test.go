@@ -100,12 +100,13 @@ func TestBrokenProgramFailsRun(t *testing.T) {
 // A guest that never finishes must fail the run with a clear message.
 func TestHungGuestFailsRun(t *testing.T) {
 	requireBoot(t)
+	const limit = 60 * time.Second
 	rep := runSelftest(t, "debian-6.1", func(c *Config) {
 		// Long enough for the floor kernel to boot on a loaded 2-core
 		// machine without KVM (15-35 s seen at load 11); the guest idles
 		// while it waits.
 		c.Env = []string{"XDERP_SELFTEST_HANG=1"}
-		c.Timeout = 60 * time.Second
+		c.Timeout = limit
 		c.TestTimeout = -1
 	})
 	if rep.OK() {
@@ -116,7 +117,7 @@ func TestHungGuestFailsRun(t *testing.T) {
 		t.Fatalf("kernel error = %v, want ErrGuestTimeout; console:\n%s", kr.Err, kr.Console)
 	}
 	msg := kr.Err.Error()
-	if !strings.Contains(msg, "60s") {
+	if !strings.Contains(msg, limit.String()) {
 		t.Errorf("message %q should state the limit", msg)
 	}
 	switch {
