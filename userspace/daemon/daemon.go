@@ -225,13 +225,16 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 		}()
 	}
 
-	if err := d.startXDP(); err != nil {
-		return err
-	}
+	// The userspace STUN server first: it answers at once, while loading
+	// and verifying the XDP program can take seconds on a slow box; once the
+	// program is attached, it takes over whatever it fully validates.
 	if cfg.RunSTUN {
 		if err := d.stun.Start(ctx, cfg.STUNAddr(), cfg.STUNSockets); err != nil {
 			return fmt.Errorf("-stun-port: %w", err)
 		}
+	}
+	if err := d.startXDP(); err != nil {
+		return err
 	}
 	if d.mesh != nil {
 		d.mesh.Start(d.ctx)
