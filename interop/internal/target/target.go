@@ -8,6 +8,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -155,9 +156,11 @@ type Server struct {
 	Key      key.NodePrivate
 	LogPath  string
 
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error // exit status, valid after done is closed
+	cmd    *exec.Cmd
+	done   chan struct{}
+	err    error // exit status, valid after done is closed
+	scheme string
+	hc     *http.Client
 }
 
 // Options tune Start.
@@ -167,6 +170,10 @@ type Options struct {
 	ReadyWait time.Duration // how long to wait for /derp/probe; default 20s
 	ExtraArgs []string      // appended to the command line
 	Port      int           // DERP port to use (0: a free one, retried on a clash)
+	// ClientTLS, when set, means the server serves TLS (ExtraArgs carry its
+	// certificate flags): readiness and metrics are fetched over HTTPS with
+	// this client configuration.
+	ClientTLS *tls.Config
 }
 
 // Start runs bin (built for k) on free loopback ports and waits until GET
@@ -193,7 +200,12 @@ func Start(k Kind, bin string, o Options) (*Server, error) {
 			port = o.Port
 		}
 		s := &Server{Kind: k, Host: o.Host, Port: port, STUNPort: sport, Key: priv,
-			LogPath: keyPath + fmt.Sprintf(".%d.log", attempt), done: make(chan struct{})}
+			LogPath: keyPath + fmt.Sprintf(".%d.log", attempt), done: make(chan struct{}),
+			scheme: "http", hc: &http.Client{}}
+		if o.ClientTLS != nil {
+			s.scheme = "https"
+			s.hc.Transport = &http.Transport{TLSClientConfig: o.ClientTLS}
+		}
 		args := []string{
 			"-a", net.JoinHostPort(o.Host, strconv.Itoa(port)),
 			"-stun-port", strconv.Itoa(sport),
@@ -235,14 +247,16 @@ func Start(k Kind, bin string, o Options) (*Server, error) {
 
 func (s *Server) waitReady(d time.Duration) error {
 	deadline := time.Now().Add(d)
-	c := &http.Client{Timeout: time.Second}
 	for {
 		select {
 		case <-s.done:
 			return fmt.Errorf("%s exited before ready (%v): %s", s.Kind, s.err, s.LogTail())
 		default:
 		}
-		resp, err := c.Get(s.HTTPURL() + "/derp/probe")
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		req, _ := http.NewRequestWithContext(ctx, "GET", s.HTTPURL()+"/derp/probe", nil)
+		resp, err := s.hc.Do(req)
+		cancel()
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
@@ -265,8 +279,9 @@ func (s *Server) HostPort() string { return net.JoinHostPort(s.Host, strconv.Ito
 // STUNAddr is the STUN listen address.
 func (s *Server) STUNAddr() string { return net.JoinHostPort(s.Host, strconv.Itoa(s.STUNPort)) }
 
-// HTTPURL is the base URL, e.g. http://127.0.0.1:1234.
-func (s *Server) HTTPURL() string { return "http://" + s.HostPort() }
+// HTTPURL is the base URL, e.g. http://127.0.0.1:1234 (https:// with
+// Options.ClientTLS).
+func (s *Server) HTTPURL() string { return s.scheme + "://" + s.HostPort() }
 
 // DERPURL is the URL derphttp clients connect to.
 func (s *Server) DERPURL() string { return s.HTTPURL() + "/derp" }
@@ -377,7 +392,7 @@ func (s *Server) metric(ctx context.Context, name string, first bool) (sum float
 	if err != nil {
 		return 0, 0, err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := s.hc.Do(req)
 	if err != nil {
 		return 0, 0, fmt.Errorf("fetch metrics: %w", err)
 	}
