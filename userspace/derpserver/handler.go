@@ -41,20 +41,30 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	// Upgrade: websocket without the derp subprotocol is treated as a
 	// raw DERP upgrade, as the reference server does for old clients.
+	nc, brw, ok := s.hijack(w, r)
+	if !ok {
+		return
+	}
+	fastStart := r.Header.Get(derp.HeaderFastStart) == "1"
+	notIdeal := r.Header.Get(derp.HeaderIdealNode) != ""
+	s.serveConn(r.Context(), nc, brw.Reader, fastStart, notIdeal, r.RemoteAddr)
+}
+
+// hijack takes the connection over from net/http for an upgrade and counts
+// the accept; on failure it has answered or logged and reports false.
+func (s *Server) hijack(w http.ResponseWriter, r *http.Request) (net.Conn, *bufio.ReadWriter, bool) {
 	hj, ok := w.(http.Hijacker)
 	if !ok {
 		http.Error(w, "connection cannot be upgraded", http.StatusInternalServerError)
-		return
+		return nil, nil, false
 	}
 	nc, brw, err := hj.Hijack()
 	if err != nil {
 		s.log.Debug("derp: hijack failed", "remote", r.RemoteAddr, "err", err)
-		return
+		return nil, nil, false
 	}
 	s.m.accepts.Inc()
-	fastStart := r.Header.Get(derp.HeaderFastStart) == "1"
-	notIdeal := r.Header.Get(derp.HeaderIdealNode) != ""
-	s.serveConn(r.Context(), nc, brw.Reader, fastStart, notIdeal, r.RemoteAddr)
+	return nc, brw, true
 }
 
 func offersDERPSubprotocol(r *http.Request) bool {

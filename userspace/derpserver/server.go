@@ -22,6 +22,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -381,13 +382,7 @@ func (s *Server) unregister(c *sclient) {
 	if e == nil {
 		return
 	}
-	idx := -1
-	for i, x := range e.conns {
-		if x == c {
-			idx = i
-			break
-		}
-	}
+	idx := slices.Index(e.conns, c)
 	if idx < 0 {
 		return
 	}
@@ -560,13 +555,7 @@ func (s *Server) RemovePacketForwarder(dst derp.PublicKey, fwd PacketForwarder) 
 	if e == nil {
 		return
 	}
-	idx := -1
-	for i, f := range e.fwds {
-		if f == fwd {
-			idx = i
-			break
-		}
-	}
+	idx := slices.Index(e.fwds, fwd)
 	if idx < 0 {
 		s.m.fwdDeleteOther.Inc()
 		return

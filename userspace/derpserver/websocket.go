@@ -72,17 +72,10 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "bad Sec-WebSocket-Key", http.StatusBadRequest)
 		return
 	}
-	hj, ok := w.(http.Hijacker)
+	nc, brw, ok := s.hijack(w, r)
 	if !ok {
-		http.Error(w, "connection cannot be upgraded", http.StatusInternalServerError)
 		return
 	}
-	nc, brw, err := hj.Hijack()
-	if err != nil {
-		s.log.Debug("derp: hijack failed", "remote", r.RemoteAddr, "err", err)
-		return
-	}
-	s.m.accepts.Inc()
 	s.m.websocketAccepts.Inc()
 	resp := "HTTP/1.1 101 Switching Protocols\r\n" +
 		"Upgrade: websocket\r\n" +
