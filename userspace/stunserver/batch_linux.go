@@ -8,6 +8,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/xderp/xderp/userspace/metrics"
 	"github.com/xderp/xderp/userspace/stun"
 )
 
@@ -82,27 +83,26 @@ func (s *Server) serveConn(c *net.UDPConn) {
 			s.readErr.Inc()
 			continue
 		}
-		k := 0
+		// Count per batch, not per datagram: one atomic add per counter.
+		k, bad, v4 := 0, 0, 0
 		for i := 0; i < n; i++ {
 			h := &b.in[i]
 			if h.Hdr.Flags&unix.MSG_TRUNC != 0 {
-				s.notSTUN.Inc()
+				bad++
 				continue
 			}
 			tx, err := stun.ParseBindingRequest(b.bufs[i][:h.Len])
 			if err != nil {
-				s.notSTUN.Inc()
+				bad++
 				continue
 			}
 			from, ok := sockaddrAddrPort(&b.names[i])
 			if !ok {
-				s.notSTUN.Inc()
+				bad++
 				continue
 			}
 			if from.Addr().Unmap().Is4() {
-				s.ipv4.Inc()
-			} else {
-				s.ipv6.Inc()
+				v4++
 			}
 			resp := stun.AppendResponse(b.resp[i][:0], tx, from)
 			b.outIv[k].Base = &b.resp[i][0]
@@ -114,6 +114,9 @@ func (s *Server) serveConn(c *net.UDPConn) {
 			o.Hdr.Namelen = h.Hdr.Namelen
 			k++
 		}
+		addNonZero(s.notSTUN, bad)
+		addNonZero(s.ipv4, v4)
+		addNonZero(s.ipv6, k-v4)
 		s.sendAll(rc, b.out[:k])
 	}
 }
@@ -163,4 +166,10 @@ func sockaddrAddrPort(sa *unix.RawSockaddrAny) (netip.AddrPort, bool) {
 		return netip.AddrPortFrom(netip.AddrFrom16(p.Addr), port), true
 	}
 	return netip.AddrPort{}, false
+}
+
+func addNonZero(c *metrics.Counter, n int) {
+	if n > 0 {
+		c.Add(uint64(n))
+	}
 }
