@@ -1,10 +1,7 @@
 package interop
 
 import (
-	"encoding/json"
 	"fmt"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -53,56 +50,15 @@ func TestMeshProber(t *testing.T) {
 		})
 	}
 	dm := &tailcfg.DERPMap{Regions: map[int]*tailcfg.DERPRegion{901: region}}
-	mapPath := filepath.Join(t.TempDir(), "derpmap.json")
-	js, err := json.Marshal(dm)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(mapPath, js, 0o644); err != nil {
-		t.Fatal(err)
-	}
 	mk, err := key.ParseDERPMesh(regionMeshKey)
 	if err != nil {
 		t.Fatal(err)
 	}
-
-	p := prober.New().WithSpread(false).WithOnce(true).WithMetricNamespace("derpprobe")
-	dp, err := prober.DERP(p, "file://"+mapPath, prober.WithMeshProbing(15*time.Second), prober.WithMeshKey(mk))
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.Run("derpmap-probe", 15*time.Second, nil, dp.ProbeMap)
-	waitDone := make(chan struct{})
-	go func() { p.Wait(); close(waitDone) }()
-	select {
-	case <-waitDone:
-	case <-time.After(60 * time.Second):
-		t.Fatal("prober did not finish within 60s")
-	}
-
-	want := map[string]bool{}
+	var want []string
 	for _, a := range region.Nodes {
 		for _, b := range region.Nodes {
-			want[fmt.Sprintf("derp/mesh/%s/%s/mesh", a.Name, b.Name)] = false
+			want = append(want, fmt.Sprintf("derp/mesh/%s/%s/mesh", a.Name, b.Name))
 		}
 	}
-	for name, info := range p.ProbeInfo() {
-		if info.End.IsZero() {
-			t.Errorf("probe %s did not finish", name)
-			continue
-		}
-		if info.Status != prober.ProbeStatusSucceeded {
-			t.Errorf("bad: %s: %s", name, info.Error)
-			continue
-		}
-		t.Logf("good: %s: %v", name, info.Latency)
-		if _, ok := want[name]; ok {
-			want[name] = true
-		}
-	}
-	for name, ok := range want {
-		if !ok {
-			t.Errorf("probe %s did not succeed", name)
-		}
-	}
+	runProber(t, dm, want, prober.WithMeshProbing(15*time.Second), prober.WithMeshKey(mk))
 }
