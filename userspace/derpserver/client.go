@@ -80,19 +80,18 @@ func (q *pktRing) takeAll(dst []*packet) []*packet {
 
 // sclient is one established DERP connection.
 type sclient struct {
-	s            *Server
-	conn         net.Conn
-	key          derp.PublicKey
-	entry        *keyEntry
-	remote       netip.AddrPort
-	flags        derp.PeerPresentFlags
-	canMesh      bool
-	notIdeal     bool
-	connNum      uint64
-	writeTimeout time.Duration
-	connected    time.Time
-	keepAlive    *time.Timer
-	closeReason  atomic.Pointer[string]
+	s           *Server
+	conn        net.Conn
+	key         derp.PublicKey
+	entry       *keyEntry
+	remote      netip.AddrPort
+	flags       derp.PeerPresentFlags
+	canMesh     bool
+	notIdeal    bool
+	connNum     uint64
+	connectedAt int64 // monoNow() at the handshake
+	keepAlive   *time.Timer
+	closeReason atomic.Pointer[string]
 
 	isDup        atomic.Bool
 	unregistered bool // guarded by Server.mu
@@ -115,16 +114,16 @@ type sclient struct {
 
 	// Reader-owned.
 	preferred bool
-	lastDst   derp.PublicKey
-	lastEntry *keyEntry
-	stats     localStats
-	waitTimer *time.Timer
 	// moreBuffered: another frame from this client is already buffered
 	// (set before routing each packet; see enqueuePacket).
 	moreBuffered bool
+	lastDst      derp.PublicKey
+	lastEntry    *keyEntry
+	stats        localStats
+	waitTimer    *time.Timer
 	notHere      struct {
 		tokens float64
-		last   time.Time
+		last   int64 // monoNow() of the last PeerGone(not-here) check; 0: none yet
 	}
 
 	// Writer-owned (one writer at a time). sawSrc is written only with
@@ -132,13 +131,21 @@ type sclient struct {
 	sawSrc       map[derp.PublicKey]*keyEntry
 	pendingSrc   map[derp.PublicKey]struct{} // keys in Server.pendingRecv for this conn; written with Server.mu held
 	lastSrcEntry *keyEntry
-	deadlineSet  time.Time // when the write deadline was last moved
+	deadlineSet  int64 // monoNow() when the write deadline was last moved
 	// An inline write that the socket took only in part: the writer
 	// goroutine writes the rest of pending.frame()[pendingOff:] first.
 	pending    *packet
 	pendingOff int
 
 	rc syscall.RawConn // raw socket for inline writes; nil if not a plain socket
+}
+
+// writeTimeout is the per-write deadline for this connection's writes.
+func (c *sclient) writeTimeout() time.Duration {
+	if c.canMesh {
+		return c.s.opts.MeshWriteTimeout
+	}
+	return c.s.opts.WriteTimeout
 }
 
 // readLoop reads and dispatches frames until the connection fails.
@@ -321,10 +328,10 @@ func (c *sclient) route(dst derp.PublicKey, p *packet, forwarded bool) {
 
 // allowNotHere is a token bucket (1/s, burst 3) for PeerGone(not-here).
 func (c *sclient) allowNotHere() bool {
-	now := time.Now()
+	now := monoNow()
 	b := &c.notHere
-	if !b.last.IsZero() {
-		b.tokens = min(notHereBurst, b.tokens+now.Sub(b.last).Seconds()/notHereInterval.Seconds())
+	if b.last != 0 {
+		b.tokens = min(notHereBurst, b.tokens+time.Duration(now-b.last).Seconds()/notHereInterval.Seconds())
 	}
 	b.last = now
 	if b.tokens < 1 {
@@ -348,7 +355,7 @@ func (c *sclient) handleNotePreferred(cr *connReader, n uint32) error {
 	}
 	c.preferred = v
 	m := &c.s.m
-	moved := time.Since(c.connected) > 5*time.Second
+	moved := time.Duration(monoNow()-c.connectedAt) > 5*time.Second
 	if v {
 		m.curHome.Add(1)
 		if moved {
@@ -703,10 +710,10 @@ func (c *sclient) writeLoop() {
 	if p := c.pending; p != nil {
 		c.pending = nil
 		frame := p.frame()[c.pendingOff:]
-		if c.writeTimeout > 0 {
+		if wt := c.writeTimeout(); wt > 0 {
 			now := time.Now()
-			c.conn.SetWriteDeadline(now.Add(c.writeTimeout))
-			c.deadlineSet = now
+			c.conn.SetWriteDeadline(now.Add(wt))
+			c.deadlineSet = monoAt(now)
 		}
 		if _, err := c.conn.Write(frame); err != nil {
 			s.m.recordDrop(dropWriteError, p.data)
@@ -840,13 +847,13 @@ func (c *sclient) writeBatch(bufp *[]byte, b *writeBatch) (pkts, bytes uint64, e
 		if len(buf) == 0 {
 			return nil
 		}
-		if c.writeTimeout > 0 {
+		if wt := c.writeTimeout(); wt > 0 {
 			// Re-arming the deadline costs a runtime timer update, so it
 			// is moved only when a quarter of it has passed: each write
 			// gets between 3/4 and all of WriteTimeout.
-			if now := time.Now(); now.Sub(c.deadlineSet) > c.writeTimeout/4 {
-				c.conn.SetWriteDeadline(now.Add(c.writeTimeout))
-				c.deadlineSet = now
+			if now := time.Now(); time.Duration(monoAt(now)-c.deadlineSet) > wt/4 {
+				c.conn.SetWriteDeadline(now.Add(wt))
+				c.deadlineSet = monoAt(now)
 			}
 		}
 		_, err := c.conn.Write(buf)

@@ -24,7 +24,10 @@ type connReader struct {
 	hot    int
 	onPark func()
 
-	small *[512]byte // plain mode only: first read after idling
+	// Plain mode only: the first read after idling lands here. Small on
+	// purpose: it is all an idle connection holds, and the rest of the
+	// record is read from the connection's own buffer right after.
+	small [16]byte
 }
 
 // directReadMin is the payload size above which a payload missing from the
@@ -94,12 +97,10 @@ func (cr *connReader) readMore() error {
 // plainFillIdle is readMore for plain connections (TLS, WebSocket) with
 // nothing buffered: the blocking read goes into a small array inside the
 // reader, and a chunk is taken only once data has arrived, so an idle
-// connection holds no chunk. (A TLS connection serves such reads from its
-// own record buffer, so the small first read costs no extra system call.)
+// connection holds no chunk. (A TLS connection keeps the rest of the
+// record it decrypted and serves the next read from it, so the small first
+// read costs no extra system call.)
 func (cr *connReader) plainFillIdle() error {
-	if cr.small == nil {
-		cr.small = new([512]byte)
-	}
 	n, err := cr.conn.Read(cr.small[:])
 	if n > 0 {
 		cr.acquire()

@@ -209,24 +209,20 @@ func (s *Server) handshake(ctx context.Context, nc net.Conn, br *bufio.Reader, f
 		initial = b // copied by newConnReader before br is dropped
 	}
 	c = &sclient{
-		s:         s,
-		conn:      nc,
-		key:       key,
-		remote:    remote,
-		canMesh:   mesh,
-		notIdeal:  notIdeal,
-		connNum:   s.connNum.Add(1),
-		connected: time.Now(),
-		wake:      make(chan struct{}, 1),
+		s:           s,
+		conn:        nc,
+		key:         key,
+		remote:      remote,
+		canMesh:     mesh,
+		notIdeal:    notIdeal,
+		connNum:     s.connNum.Add(1),
+		connectedAt: monoNow(),
+		wake:        make(chan struct{}, 1),
 		// Until serveConn has written ServerInfo (see there).
 		writerRunning: true,
 		rc:            rawConnOf(nc),
 	}
 	c.flags = presentFlags(mesh, info.IsProber, notIdeal)
-	c.writeTimeout = s.opts.WriteTimeout
-	if mesh {
-		c.writeTimeout = s.opts.MeshWriteTimeout
-	}
 	c.notHere.tokens = notHereBurst
 	return c, initial, frame, nil
 }

@@ -205,13 +205,14 @@ func (s *Server) registerMetrics(r *metrics.Registry) {
 
 // localStats accumulates per-reader counts and adds them to the shared
 // counters in one go, so the hot path does not bounce shared cache lines
-// once per packet.
+// once per packet. Drop counts live behind a pointer that is allocated on
+// a reader's first drop: most connections never drop, and an idle
+// connection should not carry a table it does not use.
 type localStats struct {
 	packetsRecv  uint64
 	bytesRecv    uint64
 	recvKind     [2]uint64
-	dropPackets  [numDropReasons][2]uint64
-	dropBytes    [numDropReasons][2]uint64
+	drops        *dropStats
 	forwardedOut uint64
 	forwardedIn  uint64
 	sentPackets  uint64 // written inline by this reader
@@ -220,10 +221,19 @@ type localStats struct {
 	dirty        bool
 }
 
+// dropStats is a reader's drop counts by reason and kind.
+type dropStats struct {
+	packets [numDropReasons][2]uint64
+	bytes   [numDropReasons][2]uint64
+}
+
 func (ls *localStats) drop(r dropReason, disco bool, n int) {
+	if ls.drops == nil {
+		ls.drops = new(dropStats)
+	}
 	k := kindOf(disco)
-	ls.dropPackets[r][k]++
-	ls.dropBytes[r][k] += uint64(n)
+	ls.drops.packets[r][k]++
+	ls.drops.bytes[r][k] += uint64(n)
 	ls.dirty = true
 }
 
@@ -239,12 +249,17 @@ func (ls *localStats) flush(m *serverMetrics) {
 		if ls.recvKind[k] != 0 {
 			m.packetsRecvKind[k].Add(ls.recvKind[k])
 		}
+	}
+	if d := ls.drops; d != nil {
 		for r := range numDropReasons {
-			if ls.dropPackets[r][k] != 0 {
-				m.packetsDropped[r][k].Add(ls.dropPackets[r][k])
-				m.bytesDropped[r][k].Add(ls.dropBytes[r][k])
+			for k := range 2 {
+				if d.packets[r][k] != 0 {
+					m.packetsDropped[r][k].Add(d.packets[r][k])
+					m.bytesDropped[r][k].Add(d.bytes[r][k])
+				}
 			}
 		}
+		*d = dropStats{} // kept: a reader that dropped once may drop again
 	}
 	if ls.sentPackets != 0 {
 		m.packetsSent.Add(ls.sentPackets)
@@ -257,7 +272,7 @@ func (ls *localStats) flush(m *serverMetrics) {
 	if ls.forwardedIn != 0 {
 		m.forwardedIn.Add(ls.forwardedIn)
 	}
-	*ls = localStats{}
+	*ls = localStats{drops: ls.drops}
 }
 
 // recordDrop counts one dropped packet directly in the shared counters

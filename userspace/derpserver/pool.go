@@ -85,8 +85,12 @@ var writeBufPool = sync.Pool{New: func() any { b := make([]byte, 0, writeBufSize
 
 var clockBase = time.Now()
 
-// monoNow returns monotonic nanoseconds since process start.
-func monoNow() int64 { return int64(time.Since(clockBase)) }
+// monoNow returns monotonic nanoseconds since process start (never 0 in
+// practice, so 0 can mean "never").
+func monoNow() int64 { return monoAt(time.Now()) }
+
+// monoAt is monoNow for a time already read.
+func monoAt(t time.Time) int64 { return int64(t.Sub(clockBase)) }
 
 // atomicFloat is a float64 updated with compare-and-swap.
 type atomicFloat struct{ bits atomic.Uint64 }
