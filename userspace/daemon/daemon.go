@@ -192,10 +192,10 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 	scheme := "http"
 	switch {
 	case d.certs != nil:
-		d.ln = d.certs.WrapListener(d.ln) // handshakes counted and bounded
+		d.ln = d.certs.WrapListener(derpserver.TLSListener(d.ln)) // handshakes counted and bounded
 		scheme = "https"
 	case d.tlsConf != nil:
-		d.ln = tls.NewListener(d.ln, d.tlsConf)
+		d.ln = tls.NewListener(derpserver.TLSListener(d.ln), d.tlsConf)
 		scheme = "https"
 	}
 	d.srv = &http.Server{

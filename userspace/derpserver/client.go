@@ -148,32 +148,76 @@ func (c *sclient) writeTimeout() time.Duration {
 	return c.s.opts.WriteTimeout
 }
 
-// readLoop reads and dispatches frames until the connection fails.
+// readLoop reads and dispatches frames until the connection fails, or
+// until a TLS connection that has been idle a while goes idle again: then
+// idleRead takes over in a new goroutine and this one ends, giving back
+// the stack that reading through crypto/tls grew (see tlsidle.go).
 func (c *sclient) readLoop(cr *connReader) {
+	err := c.readFrames(cr)
+	if err == errReaderIdle {
+		c.s.idleHandoffs.Add(1)
+		go c.idleRead(cr)
+		return
+	}
+	c.finishRead(cr, err)
+}
+
+// idleRead waits for an idle TLS connection's next bytes with the small
+// stack of a new goroutine, then goes on reading as readLoop.
+func (c *sclient) idleRead(cr *connReader) {
+	if err := cr.waitIdle(); err != nil {
+		c.finishRead(cr, err)
+		return
+	}
+	c.readLoop(cr)
+}
+
+func (c *sclient) finishRead(cr *connReader, err error) {
 	s := c.s
 	defer s.wg.Done()
-	cr.onPark = func() { c.stats.flush(&s.m) }
-	err := c.readFrames(cr)
 	cr.close()
 	c.stats.flush(&s.m)
 	s.m.readSyscalls.Add(cr.reads)
 	c.teardown(err)
 }
 
+// errReaderIdle is readFrames handing an idle TLS connection to idleRead.
+var errReaderIdle = errors.New("reader idle")
+
 func (c *sclient) readFrames(cr *connReader) error {
 	s := c.s
 	for {
-		if cr.buffered() < derp.FrameHeaderLen && (cr.rc == nil || cr.hot >= 2) {
+		if cr.buffered() < derp.FrameHeaderLen && (cr.rc == nil && cr.tls == nil || cr.hot >= 2) {
 			// About to read again without having parked for a while:
 			// publish our counts and let writers run. Under overload a
 			// reader always finds data and would otherwise keep its P for
 			// a whole time slice, starving the writers that deliver what
 			// it queued (delivery collapses). A reader that parks in the
 			// netpoller yields anyway and publishes its counts then
-			// (onPark). Plain reads (TLS) cannot tell, so always yield.
+			// (onPark). Other plain reads (WebSocket) cannot tell, so
+			// always yield.
 			cr.hot = 0
 			c.stats.flush(&s.m)
 			runtime.Gosched()
+		}
+		if cr.tls != nil && cr.buffered() == 0 {
+			if cr.woke {
+				cr.woke = false // readable: read normally
+			} else if idle, err := cr.tlsProbe(); err != nil {
+				return err
+			} else if idle {
+				// A connection that was idle a while (or has not
+				// waited yet) waits in a new goroutine; one woken more
+				// often waits in place, sparing a goroutine start and a
+				// stack growth per packet.
+				if cr.idleNs >= s.idleHandoffNs {
+					return errReaderIdle
+				}
+				if err := cr.waitIdle(); err != nil {
+					return err
+				}
+				cr.woke = false
+			}
 		}
 		h, err := cr.next(derp.FrameHeaderLen)
 		if err != nil {

@@ -3,6 +3,7 @@ package derpserver
 import (
 	"errors"
 	"io"
+	"math"
 	"net"
 	"syscall"
 )
@@ -28,6 +29,11 @@ type connReader struct {
 	// purpose: it is all an idle connection holds, and the rest of the
 	// record is read from the connection's own buffer right after.
 	small [16]byte
+
+	// TLS over a TLSListener connection only (see tlsidle.go).
+	tls    *probeConn
+	woke   bool  // the socket was just found readable: read without probing
+	idleNs int64 // how long the last idle wait lasted (MaxInt64 before the first)
 }
 
 // directReadMin is the payload size above which a payload missing from the
@@ -35,7 +41,7 @@ type connReader struct {
 const directReadMin = 8 << 10
 
 func newConnReader(c net.Conn, initial []byte) *connReader {
-	cr := &connReader{conn: c, rc: rawConnOf(c)}
+	cr := &connReader{conn: c, rc: rawConnOf(c), tls: tlsProbeOf(c), idleNs: math.MaxInt64}
 	if len(initial) > 0 {
 		cr.acquire()
 		if len(initial) > len(cr.buf) {
@@ -110,6 +116,48 @@ func (cr *connReader) plainFillIdle() error {
 	if err == nil {
 		err = io.ErrNoProgress
 	}
+	return err
+}
+
+// park runs just before the reader waits in the netpoller.
+func (cr *connReader) park() {
+	cr.hot = 0
+	if cr.onPark != nil {
+		cr.onPark()
+	}
+}
+
+// tlsProbe is called between frames, with nothing buffered, on a connection
+// from a TLSListener. It takes what crypto/tls already holds (decrypted, or
+// as complete records) without touching the socket, and reports idle when
+// there is nothing; the caller then waits with waitIdle.
+func (cr *connReader) tlsProbe() (idle bool, err error) {
+	cr.release()
+	cr.tls.probing = true
+	n, err := cr.conn.Read(cr.small[:])
+	cr.tls.probing = false
+	if n > 0 {
+		cr.acquire()
+		cr.w = copy(cr.buf, cr.small[:n])
+		cr.hot++
+		return false, nil
+	}
+	if errors.Is(err, errNoRecord) {
+		return true, nil
+	}
+	if err == nil {
+		err = io.ErrNoProgress
+	}
+	return false, err
+}
+
+// waitIdle parks until the TLS connection's socket is readable (or has an
+// error or EOF to report), outside crypto/tls, and notes how long it took.
+func (cr *connReader) waitIdle() error {
+	start := monoNow()
+	err := waitReadable(cr.tls.rc, cr.park)
+	cr.idleNs = monoNow() - start
+	cr.woke = true
 	return err
 }
 

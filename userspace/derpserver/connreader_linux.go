@@ -68,11 +68,24 @@ func (cr *connReader) rawFill() error {
 	return nil
 }
 
-func (cr *connReader) park() {
-	cr.hot = 0
-	if cr.onPark != nil {
-		cr.onPark()
-	}
+// waitReadable parks until the socket has data, an error or EOF to report,
+// without reading anything; park runs before parking. (The peek must come
+// first, for the same reason as in rawFill.)
+func waitReadable(rc syscall.RawConn, park func()) error {
+	var one [1]byte
+	return rc.Read(func(fd uintptr) bool {
+		for {
+			_, _, err := syscall.Recvfrom(int(fd), one[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+			switch err {
+			case syscall.EINTR:
+				continue
+			case syscall.EAGAIN:
+				park()
+				return false
+			}
+			return true
+		}
+	})
 }
 
 // rawReadInto reads directly into p.

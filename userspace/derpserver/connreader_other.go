@@ -16,3 +16,5 @@ func (cr *connReader) rawFill() error { return errors.ErrUnsupported }
 func rawReadInto(syscall.RawConn, []byte) (int, error) { return 0, errors.ErrUnsupported }
 
 func rawWriteNow(syscall.RawConn, []byte) (int, error) { return 0, errors.ErrUnsupported }
+
+func waitReadable(syscall.RawConn, func()) error { return errors.ErrUnsupported }

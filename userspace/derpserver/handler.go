@@ -156,7 +156,9 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, br *bufio.Reader, f
 	}
 	c.startOrWake(start, false)
 	s.log.Debug("derp: client connected", "remote", remoteAddr, "key", c.key.ShortString(), "mesh", c.canMesh)
-	go c.readLoop(newConnReader(nc, initial))
+	cr := newConnReader(nc, initial)
+	cr.onPark = func() { c.stats.flush(&s.m) }
+	go c.readLoop(cr)
 }
 
 func (s *Server) handshake(ctx context.Context, nc net.Conn, br *bufio.Reader, fastStart, notIdeal bool, remoteAddr string) (c *sclient, initial, serverInfo []byte, err error) {

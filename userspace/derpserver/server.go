@@ -128,6 +128,12 @@ type Server struct {
 	registry *metrics.Registry
 	m        serverMetrics
 
+	// Idle TLS readers (tlsidle.go): a reader whose last idle wait lasted
+	// at least idleHandoffNs hands over to a new goroutine when it goes
+	// idle again; idleHandoffs counts the hand-overs (read by tests).
+	idleHandoffNs int64
+	idleHandoffs  atomic.Uint64
+
 	upgradeResp []byte // 101 response followed by the ServerKey frame
 	serverKey   []byte // ServerKey frame alone (fast start)
 
@@ -188,6 +194,8 @@ func New(opts Options) (*Server, error) {
 		watchers:    make(map[*sclient]struct{}),
 		handshaking: make(map[net.Conn]struct{}),
 		clients:     make(map[*sclient]struct{}),
+
+		idleHandoffNs: int64(100 * time.Millisecond),
 	}
 	if opts.MeshKey != "" {
 		k, err := derp.ParseMeshKey(opts.MeshKey)
