@@ -1,0 +1,404 @@
+//go:build linux
+
+package loader
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"net"
+	"net/netip"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/rlimit"
+	"golang.org/x/sys/unix"
+
+	"github.com/xderp/xderp/bpf/loadgen"
+	"github.com/xderp/xderp/userspace/metrics"
+	"github.com/xderp/xderp/userspace/stun"
+	"github.com/xderp/xderp/userspace/stunserver"
+)
+
+// bouncer is the closed-loop STUN load generator of package bpf/loadgen,
+// attached to the client end of a vethEnv in place of its XDP_PASS program:
+// every binding response to one of its flows goes back out as that flow's
+// request, so the requests seeded once keep circulating between it and the
+// server end until the stop flag, the per-CPU budget or the next bouncer.
+type bouncer struct {
+	e      *vethEnv
+	objs   loadgen.BounceObjects
+	frames [][]byte // frames[i]: the request of flow i (client port base+i)
+	budget uint64
+}
+
+// bounceBase hands out the client port range of the next bouncer of e:
+// responses still in flight for an earlier bouncer's flows are then stale
+// (dropped and counted), never taken for this one's.
+var bounceBase = struct {
+	sync.Mutex
+	next map[*vethEnv]uint16
+}{next: map[*vethEnv]uint16{}}
+
+const bounceMaxFlows = 1024 // MAX_FLOWS in bounce.c
+
+// newBouncer loads a bouncer with flows flows (each a Tailscale-style
+// binding request to the server end's STUN port, with its own client port
+// and transaction ID) and a budget of requests per CPU, and attaches it to
+// the client end (replacing the program there; link update, so the client
+// end never lacks a program).
+func (e *vethEnv) newBouncer(t testing.TB, flows int, budget uint64) *bouncer {
+	t.Helper()
+	if flows < 1 || flows > bounceMaxFlows {
+		t.Fatalf("bouncer: %d flows, want 1..%d", flows, bounceMaxFlows)
+	}
+	if err := rlimit.RemoveMemlock(); err != nil {
+		t.Fatal(err)
+	}
+	bounceBase.Lock()
+	k := bounceBase.next[e]
+	bounceBase.next[e] = (k + 1) % 40
+	bounceBase.Unlock()
+	base := 20000 + k*bounceMaxFlows
+
+	var srvMAC, cliMAC net.HardwareAddr
+	e.in(e.srvHandle, func() {
+		ifc, err := net.InterfaceByName(e.srvIf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		srvMAC = ifc.HardwareAddr
+	})
+	e.in(e.cliHandle, func() {
+		ifc, err := net.InterfaceByName(e.cliIf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cliMAC = ifc.HardwareAddr
+	})
+	b := &bouncer{e: e, budget: budget}
+	for i := range flows {
+		var tx stun.TxID
+		copy(tx[:], "bounce")
+		binary.BigEndian.PutUint16(tx[6:], base)
+		binary.BigEndian.PutUint32(tx[8:], uint32(i))
+		f := frame{src: netip.AddrPortFrom(e.cli4, base+uint16(i)), dst: netip.AddrPortFrom(e.srv4, DefaultSTUNPort),
+			payload: stun.AppendRequest(nil, tx)}.build()
+		copy(f[0:6], srvMAC)
+		copy(f[6:12], cliMAC)
+		b.frames = append(b.frames, f)
+	}
+
+	spec, err := loadgen.LoadBounce()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := loadgen.BounceConfig{ServerPort: DefaultSTUNPort, BasePort: base, Flows: uint32(flows), Budget: budget}
+	if err := spec.Variables[loadgen.BounceVarBounceCfg].Set(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := spec.LoadAndAssign(&b.objs, nil); err != nil {
+		t.Fatalf("load bouncer: %v", err)
+	}
+	t.Cleanup(func() { b.objs.Close() })
+	for i, f := range b.frames {
+		var tm loadgen.BounceTmpl
+		if len(f) > len(tm.Frame) {
+			t.Fatalf("template of %d bytes, at most %d", len(f), len(tm.Frame))
+		}
+		tm.Len = uint16(copy(tm.Frame[:], f))
+		if err := b.objs.BounceTemplates.Put(uint32(i), tm); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.cliXDP.Update(b.objs.BounceXdp); err != nil {
+		t.Fatalf("attach bouncer: %v", err)
+	}
+	return b
+}
+
+// seed sends perFlow copies of every flow's request from a packet socket on
+// the client end, the flows spread over cpus (flow i from cpus[i%len]): on a
+// veth pair with one queue per CPU and XPS (see xpsPerCPU), a request sent
+// from a CPU keeps circulating on that CPU's queues. It returns the number of
+// frames the socket took.
+func (b *bouncer) seed(t testing.TB, perFlow int, cpus []int) int {
+	t.Helper()
+	var fd, ifindex int
+	var err error
+	b.e.in(b.e.cliHandle, func() {
+		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, 0)
+		if err == nil {
+			var ifc *net.Interface
+			if ifc, err = net.InterfaceByName(b.e.cliIf); err == nil {
+				ifindex = ifc.Index
+			}
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	sa := &unix.SockaddrLinklayer{Ifindex: ifindex, Protocol: 0x0008 /* htons(ETH_P_IP) */}
+	sent := make([]int, len(cpus))
+	errs := make([]error, len(cpus))
+	var wg sync.WaitGroup
+	for c, cpu := range cpus {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// The thread is never unlocked: it exits with the goroutine,
+			// taking its CPU affinity with it.
+			runtime.LockOSThread()
+			var set unix.CPUSet
+			set.Set(cpu)
+			if errs[c] = unix.SchedSetaffinity(0, &set); errs[c] != nil {
+				return
+			}
+			for range perFlow {
+				for i := c; i < len(b.frames); i += len(cpus) {
+					if unix.Sendto(fd, b.frames[i], 0, sa) == nil {
+						sent[c]++
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	n := 0
+	for c := range cpus {
+		if errs[c] != nil {
+			t.Fatalf("seed from cpu %d: %v", cpus[c], errs[c])
+		}
+		n += sent[c]
+	}
+	return n
+}
+
+// perCPU returns the bouncer's counters of each possible CPU.
+func (b *bouncer) perCPU(t testing.TB) []loadgen.BounceStats {
+	t.Helper()
+	var per []loadgen.BounceStats
+	if err := b.objs.BounceStats.Lookup(uint32(0), &per); err != nil {
+		t.Fatal(err)
+	}
+	return per
+}
+
+// stats returns the bouncer's counters summed over CPUs.
+func (b *bouncer) stats(t testing.TB) loadgen.BounceStats {
+	t.Helper()
+	var s loadgen.BounceStats
+	for _, p := range b.perCPU(t) {
+		s.Seen += p.Seen
+		s.Sent += p.Sent
+		s.Stopped += p.Stopped
+		s.OverBudget += p.OverBudget
+		s.Resize += p.Resize
+		s.Stale += p.Stale
+		s.Bad += p.Bad
+		s.Other += p.Other
+	}
+	return s
+}
+
+// stop makes the bouncer drop every further response: the loop ends.
+func (b *bouncer) stop(t testing.TB) {
+	t.Helper()
+	if err := b.objs.BounceStop.Set(uint32(1)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitStats polls the bouncer's counters until cond holds, failing after
+// timeout with the last counters and what.
+func (b *bouncer) waitStats(t testing.TB, timeout time.Duration, what string, cond func(loadgen.BounceStats) bool) loadgen.BounceStats {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		s := b.stats(t)
+		if cond(s) {
+			return s
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("bouncer: %s not reached in %v: %+v", what, timeout, s)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// xpsPerCPU maps transmit queue i of both ends to CPU i (XPS), so whatever a
+// CPU sends on the pair lands in that CPU's receive queue on the other end.
+func (e *vethEnv) xpsPerCPU(t testing.TB, queues int) {
+	t.Helper()
+	for _, c := range []struct{ ns, ifc string }{{e.cliNS, e.cliIf}, {e.srvNS, e.srvIf}} {
+		var script strings.Builder
+		for i := range queues {
+			fmt.Fprintf(&script, "echo %x > /sys/class/net/%s/queues/tx-%d/xps_cpus\n", 1<<i, c.ifc, i)
+		}
+		sh(t, "ip", "netns", "exec", c.ns, "sh", "-ec", script.String())
+	}
+}
+
+// startSTUNServer starts the daemon's userspace STUN server on the server
+// end's port 3478 with its default number of sockets (one per CPU).
+func (e *vethEnv) startSTUNServer(t testing.TB) (*stunserver.Server, *metrics.Registry) {
+	t.Helper()
+	reg := metrics.NewRegistry()
+	s := stunserver.New(stunserver.Options{Metrics: reg})
+	var err error
+	e.in(e.srvHandle, func() { err = s.Start(context.Background(), fmt.Sprintf(":%d", DefaultSTUNPort), 0) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s, reg
+}
+
+// stunRequests reads the server's stun_requests counters by disposition,
+// as a scrape of /metrics would.
+func stunRequests(t testing.TB, reg *metrics.Registry) map[string]uint64 {
+	t.Helper()
+	var buf bytes.Buffer
+	if err := reg.WriteText(&buf); err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]uint64{}
+	sc := bufio.NewScanner(&buf)
+	for sc.Scan() {
+		line := sc.Text()
+		rest, ok := strings.CutPrefix(line, `stun_requests{disposition="`)
+		if !ok {
+			continue
+		}
+		disp, val, ok := strings.Cut(rest, `"} `)
+		if !ok {
+			t.Fatalf("metrics line %q", line)
+		}
+		v, err := strconv.ParseUint(val, 10, 64)
+		if err != nil {
+			t.Fatalf("metrics line %q: %v", line, err)
+		}
+		out[disp] = v
+	}
+	return out
+}
+
+// allowedCPUs returns the CPUs this process may run on.
+func allowedCPUs(t testing.TB) []int {
+	t.Helper()
+	var set unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &set); err != nil {
+		t.Fatal(err)
+	}
+	var cpus []int
+	for i := range 1024 {
+		if set.IsSet(i) {
+			cpus = append(cpus, i)
+		}
+	}
+	return cpus
+}
+
+// TestVethBounce proves the load generator of BenchmarkVethSTUNBounce: with
+// xderp answering, a few requests seeded once circulate until every CPU that
+// carries one has sent its budget, and every request sent is one xderp
+// answered and one response the bouncer saw (exact counts, nothing lost);
+// the stop flag ends a loop with no budget in sight; with xderp detached, the
+// daemon's userspace STUN server answers the same loop, and while xderp was
+// attached that server saw nothing.
+func TestVethBounce(t *testing.T) {
+	const queues = 2
+	e := newVethEnvQueues(t, queues)
+	e.xpsPerCPU(t, queues)
+	_, reg := e.startSTUNServer(t) // running behind XDP, as in the daemon
+	cpus := allowedCPUs(t)
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const flows, budget = 4, 300
+
+	// Budget: with 4 requests in flight nothing is lost, so the counts are exact.
+	x := e.attach(Config{})
+	defer x.Close()
+	b := e.newBouncer(t, flows, budget)
+	answered0 := counterOf(t, x, "ipv4/tx/stun_answered")
+	if n := b.seed(t, 1, cpus); n != flows {
+		t.Fatalf("seeded %d requests, want %d", n, flows)
+	}
+	s := b.waitStats(t, 20*time.Second, "every request over budget", func(s loadgen.BounceStats) bool { return s.OverBudget == flows })
+	answered := counterOf(t, x, "ipv4/tx/stun_answered") - answered0
+	if s.Seen != s.Sent+s.OverBudget || s.Stopped != 0 || s.Resize != 0 || s.Bad != 0 || s.Stale != 0 {
+		t.Errorf("bouncer counters do not add up: %+v", s)
+	}
+	if answered != flows+s.Sent || s.Seen != answered {
+		t.Errorf("xderp answered %d, bouncer seeded %d, sent %d and saw %d responses: want answered = seeded + sent = seen", answered, flows, s.Sent, s.Seen)
+	}
+	full := 0
+	for cpu, p := range b.perCPU(t) {
+		if p.Sent > budget {
+			t.Errorf("cpu %d sent %d requests, budget %d", cpu, p.Sent, budget)
+		}
+		if p.Sent == budget {
+			full++
+		}
+	}
+	if full == 0 || s.Sent > uint64(ncpu)*budget {
+		t.Errorf("sent %d requests, no CPU at its budget of %d (or more than %d CPUs' worth)", s.Sent, budget, ncpu)
+	}
+	t.Logf("budget %d per CPU: %d requests sent by %d CPU(s) at budget, %d answered by xderp", budget, s.Sent, full, answered)
+
+	// Stop flag: no budget in sight; once every seeded request has been
+	// dropped as stopped, none is left in flight.
+	b = e.newBouncer(t, flows, 1<<40)
+	answered0 = counterOf(t, x, "ipv4/tx/stun_answered")
+	if n := b.seed(t, 1, cpus); n != flows {
+		t.Fatalf("seeded %d requests, want %d", n, flows)
+	}
+	b.waitStats(t, 20*time.Second, "1000 requests sent", func(s loadgen.BounceStats) bool { return s.Sent >= 1000 })
+	b.stop(t)
+	s = b.waitStats(t, 20*time.Second, "every request stopped", func(s loadgen.BounceStats) bool { return s.Stopped == flows })
+	answered = counterOf(t, x, "ipv4/tx/stun_answered") - answered0
+	if s.Seen != s.Sent+s.Stopped || s.OverBudget != 0 || answered != flows+s.Sent || s.Seen != answered {
+		t.Errorf("after stop: bouncer %+v, xderp answered %d: want seen = sent + 4 stopped = answered", s, answered)
+	}
+	if got := stunRequests(t, reg); len(got) != 0 && (got["success"] != 0 || got["not_stun"] != 0) {
+		t.Errorf("the userspace server saw requests while XDP answered: %v", got)
+	}
+
+	// The userspace server answers the same loop once xderp is detached
+	// (and an XDP_PASS program takes its place: see BenchmarkVethSTUNBounce).
+	x.Close()
+	if err := Detach(e.srvIf, e.pinDir); err != nil {
+		t.Fatal(err)
+	}
+	e.attachPass(t, e.srvHandle, e.srvIf)
+	b = e.newBouncer(t, flows, budget)
+	if n := b.seed(t, 1, cpus); n != flows {
+		t.Fatalf("seeded %d requests, want %d", n, flows)
+	}
+	s = b.waitStats(t, 20*time.Second, "every request over budget", func(s loadgen.BounceStats) bool { return s.OverBudget == flows })
+	// The server counts an answer once its send returns, possibly after
+	// the bouncer has it: poll for the count.
+	deadline := time.Now().Add(10 * time.Second)
+	var got map[string]uint64
+	for {
+		got = stunRequests(t, reg)
+		if got["success"] >= flows+s.Sent || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got["success"] != flows+s.Sent || s.Seen != got["success"] || s.Seen != s.Sent+s.OverBudget || s.Bad+s.Stale+s.Resize != 0 {
+		t.Errorf("userspace server answered %v, bouncer seeded %d: %+v; want success = seeded + sent = seen", got, flows, s)
+	}
+	t.Logf("userspace: %d requests sent, %d answered by the userspace server", s.Sent, got["success"])
+}
