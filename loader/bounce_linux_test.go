@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -47,7 +48,10 @@ var bounceBase = struct {
 	next map[*vethEnv]uint16
 }{next: map[*vethEnv]uint16{}}
 
-const bounceMaxFlows = 1024 // MAX_FLOWS in bounce.c
+const (
+	bounceMaxFlows = 1024 // MAX_FLOWS in bounce.c
+	bounceReqLen   = 82   // REQ_LEN in bounce.c: Ethernet, IPv4, UDP, a 40-byte request
+)
 
 // newBouncer loads a bouncer with flows flows (each a Tailscale-style
 // binding request to the server end's STUN port, with its own client port
@@ -58,9 +62,6 @@ func (e *vethEnv) newBouncer(t testing.TB, flows int, budget uint64) *bouncer {
 	t.Helper()
 	if flows < 1 || flows > bounceMaxFlows {
 		t.Fatalf("bouncer: %d flows, want 1..%d", flows, bounceMaxFlows)
-	}
-	if err := rlimit.RemoveMemlock(); err != nil {
-		t.Fatal(err)
 	}
 	bounceBase.Lock()
 	k := bounceBase.next[e]
@@ -83,24 +84,47 @@ func (e *vethEnv) newBouncer(t testing.TB, flows int, budget uint64) *bouncer {
 		}
 		cliMAC = ifc.HardwareAddr
 	})
-	b := &bouncer{e: e, budget: budget}
+	b := loadBouncer(t, bounceFrames(netip.AddrPortFrom(e.cli4, base), netip.AddrPortFrom(e.srv4, DefaultSTUNPort), cliMAC, srvMAC, flows), budget)
+	b.e = e
+	if err := e.cliXDP.Update(b.objs.BounceXdp); err != nil {
+		t.Fatalf("attach bouncer: %v", err)
+	}
+	return b
+}
+
+// bounceFrames returns the requests of flows flows: flow i is a
+// Tailscale-style binding request from client port cli.Port()+i to srv, with
+// a transaction ID of its own.
+func bounceFrames(cli, srv netip.AddrPort, cliMAC, srvMAC net.HardwareAddr, flows int) [][]byte {
+	var frames [][]byte
 	for i := range flows {
 		var tx stun.TxID
 		copy(tx[:], "bounce")
-		binary.BigEndian.PutUint16(tx[6:], base)
+		binary.BigEndian.PutUint16(tx[6:], cli.Port())
 		binary.BigEndian.PutUint32(tx[8:], uint32(i))
-		f := frame{src: netip.AddrPortFrom(e.cli4, base+uint16(i)), dst: netip.AddrPortFrom(e.srv4, DefaultSTUNPort),
-			payload: stun.AppendRequest(nil, tx)}.build()
+		f := frame{src: netip.AddrPortFrom(cli.Addr(), cli.Port()+uint16(i)), dst: srv, payload: stun.AppendRequest(nil, tx)}.build()
 		copy(f[0:6], srvMAC)
 		copy(f[6:12], cliMAC)
-		b.frames = append(b.frames, f)
+		frames = append(frames, f)
 	}
+	return frames
+}
 
+// loadBouncer loads (without attaching) a bouncer whose flow i is frames[i],
+// a request from client port base+i (the first frame's source port is base)
+// to the server port DefaultSTUNPort.
+func loadBouncer(t testing.TB, frames [][]byte, budget uint64) *bouncer {
+	t.Helper()
+	if err := rlimit.RemoveMemlock(); err != nil {
+		t.Fatal(err)
+	}
+	b := &bouncer{frames: frames, budget: budget}
 	spec, err := loadgen.LoadBounce()
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := loadgen.BounceConfig{ServerPort: DefaultSTUNPort, BasePort: base, Flows: uint32(flows), Budget: budget}
+	base := binary.BigEndian.Uint16(frames[0][14+20:])
+	cfg := loadgen.BounceConfig{ServerPort: DefaultSTUNPort, BasePort: base, Flows: uint32(len(frames)), Budget: budget}
 	if err := spec.Variables[loadgen.BounceVarBounceCfg].Set(cfg); err != nil {
 		t.Fatal(err)
 	}
@@ -108,18 +132,15 @@ func (e *vethEnv) newBouncer(t testing.TB, flows int, budget uint64) *bouncer {
 		t.Fatalf("load bouncer: %v", err)
 	}
 	t.Cleanup(func() { b.objs.Close() })
-	for i, f := range b.frames {
+	for i, f := range frames {
 		var tm loadgen.BounceTmpl
-		if len(f) > len(tm.Frame) {
-			t.Fatalf("template of %d bytes, at most %d", len(f), len(tm.Frame))
+		if len(f) != bounceReqLen {
+			t.Fatalf("template of %d bytes, want %d", len(f), bounceReqLen)
 		}
-		tm.Len = uint16(copy(tm.Frame[:], f))
+		copy(tm.Frame[:], f)
 		if err := b.objs.BounceTemplates.Put(uint32(i), tm); err != nil {
 			t.Fatal(err)
 		}
-	}
-	if err := e.cliXDP.Update(b.objs.BounceXdp); err != nil {
-		t.Fatalf("attach bouncer: %v", err)
 	}
 	return b
 }
@@ -305,6 +326,91 @@ func allowedCPUs(t testing.TB) []int {
 		}
 	}
 	return cpus
+}
+
+// TestBouncePacketTable runs the bouncer through BPF_PROG_TEST_RUN on the
+// responses xderp's program builds: each flow's response becomes exactly that
+// flow's request (XDP_TX); responses that are not a flow's (another
+// transaction ID, a port outside the flows) are dropped, everything else is
+// passed; the budget and the stop flag drop; the counters add up.
+func TestBouncePacketTable(t *testing.T) {
+	x := loadTest(t, Config{})
+	cli := netip.AddrPortFrom(cli4.Addr(), 20000)
+	frames := bounceFrames(cli, srv4, macA, macB, 4)
+	const budget = 2
+	b := loadBouncer(t, frames[:3], budget) // flows 0, 1, 2; frames[3] is port 20003, not a flow
+	// The budget is per CPU: run every case on one.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	var old, one unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &old); err != nil {
+		t.Fatal(err)
+	}
+	one.Set(allowedCPUs(t)[0])
+	if err := unix.SchedSetaffinity(0, &one); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.SchedSetaffinity(0, &old)
+
+	respond := func(req []byte) []byte {
+		t.Helper()
+		ret, out := run(t, x, req)
+		if ret != xdpTX {
+			t.Fatalf("xderp did not answer %x: action %d", req, ret)
+		}
+		return out
+	}
+	bounce := func(in []byte) (uint32, []byte) {
+		t.Helper()
+		opts := &ebpf.RunOptions{Data: in, DataOut: make([]byte, len(in)+256)}
+		ret, err := b.objs.BounceXdp.Run(opts)
+		if err != nil {
+			t.Fatalf("run %x: %v", in, err)
+		}
+		return ret, opts.DataOut
+	}
+	badTx := respond(frames[0])
+	badTx[14+20+8+19] ^= 1
+	otherPort := frame{src: withPort(srv4, 3479), dst: cli, payload: make([]byte, 32)}.build()
+	arp := append(slices.Clone(frames[0][:12]), 0x08, 0x06)
+	arp = append(arp, make([]byte, 28)...)
+	v6 := respond(frame{src: withPort(cli6, 20000), dst: srv6, payload: stun.AppendRequest(nil, stun.TxID{})}.build())
+	for _, tc := range []struct {
+		name   string
+		in     []byte
+		action uint32
+		out    []byte // for XDP_TX
+	}{
+		{"flow 0", respond(frames[0]), xdpTX, frames[0]},
+		{"flow 2", respond(frames[2]), xdpTX, frames[2]},
+		{"another transaction ID", badTx, xdpDrop, nil},
+		{"a port that is no flow", respond(frames[3]), xdpDrop, nil},
+		{"a port below the flows", respond(bounceFrames(withPort(cli, 19999), srv4, macA, macB, 1)[0]), xdpDrop, nil},
+		{"another source port", otherPort, xdpPass, nil},
+		{"ARP", arp, xdpPass, nil},
+		{"truncated", respond(frames[1])[:50], xdpPass, nil},
+		{"IPv6", v6, xdpPass, nil},
+		{"request, not response", frames[1], xdpPass, nil},
+		{"over budget", respond(frames[1]), xdpDrop, nil},
+	} {
+		ret, out := bounce(tc.in)
+		if ret != tc.action {
+			t.Errorf("%s: action %d, want %d", tc.name, ret, tc.action)
+		} else if tc.out != nil && !bytes.Equal(out, tc.out) {
+			t.Errorf("%s: sent\n%x\nwant the flow's request\n%x", tc.name, out, tc.out)
+		}
+	}
+	if err := b.objs.BounceStop.Set(uint32(1)); err != nil {
+		t.Fatal(err)
+	}
+	if ret, _ := bounce(respond(frames[0])); ret != xdpDrop {
+		t.Errorf("stopped: action %d, want drop", ret)
+	}
+	got := b.stats(t)
+	want := loadgen.BounceStats{Seen: 4, Sent: 2, OverBudget: 1, Stopped: 1, Bad: 1, Stale: 2, Other: 5}
+	if got != want {
+		t.Errorf("counters %+v, want %+v", got, want)
+	}
 }
 
 // TestVethBounce proves the load generator of BenchmarkVethSTUNBounce: with

@@ -35,8 +35,7 @@ type BounceStats struct {
 
 type BounceTmpl struct {
 	_     structs.HostLayout
-	Len   uint16
-	Frame [128]uint8
+	Frame [88]uint8
 }
 
 // Names of all BPF objects in the ELF.
