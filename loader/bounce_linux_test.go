@@ -40,14 +40,6 @@ type bouncer struct {
 	budget uint64
 }
 
-// bounceBase hands out the client port range of the next bouncer of e:
-// responses still in flight for an earlier bouncer's flows are then stale
-// (dropped and counted), never taken for this one's.
-var bounceBase = struct {
-	sync.Mutex
-	next map[*vethEnv]uint16
-}{next: map[*vethEnv]uint16{}}
-
 const (
 	bounceMaxFlows = 1024 // MAX_FLOWS in bounce.c
 	bounceReqLen   = 82   // REQ_LEN in bounce.c: Ethernet, IPv4, UDP, a 40-byte request
@@ -63,11 +55,11 @@ func (e *vethEnv) newBouncer(t testing.TB, flows int, budget uint64) *bouncer {
 	if flows < 1 || flows > bounceMaxFlows {
 		t.Fatalf("bouncer: %d flows, want 1..%d", flows, bounceMaxFlows)
 	}
-	bounceBase.Lock()
-	k := bounceBase.next[e]
-	bounceBase.next[e] = (k + 1) % 40
-	bounceBase.Unlock()
-	base := 20000 + k*bounceMaxFlows
+	// Each bouncer of e gets its own client port range: responses still in
+	// flight for an earlier bouncer's flows are then stale (dropped and
+	// counted), never taken for this one's.
+	base := 20000 + e.bounces%40*bounceMaxFlows
+	e.bounces++
 
 	var srvMAC, cliMAC net.HardwareAddr
 	e.in(e.srvHandle, func() {

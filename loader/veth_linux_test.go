@@ -44,6 +44,9 @@ type vethEnv struct {
 	// cliXDP is the link of the client end's XDP program (XDP_PASS until a
 	// test swaps in another program with Update).
 	cliXDP link.Link
+	// bounces counts the bouncers loaded (newBouncer), to give each its
+	// own client ports.
+	bounces uint16
 }
 
 // privateBPFFS mounts a bpf filesystem of the test's own (the host's
