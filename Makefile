@@ -68,12 +68,15 @@ image-test: image
 
 # Figures side by side with Tailscale's code (printed, never asserted):
 # relay and STUN against derper, XDP per-packet cost against Tailscale's XDP
-# object, new TLS connections, and mesh forwarding against meshed derpers.
+# object, XDP against the userspace STUN server over veth (an in-kernel
+# closed-loop generator, whose own per-request cost is printed too), new TLS
+# connections, and mesh forwarding against meshed derpers.
 bench: build
 	cd interop && $(GO) run ./bench
 	cd interop && $(GO) test -count=1 -run '^$$' -bench 'XDPvsTailscale' -benchtime 20000x -v . | grep -v '^=== RUN'
 	cd interop && $(GO) test -count=1 -run '^$$' -bench 'XDPvsUserspaceSTUN' -benchtime 1x -v . | grep -v '^=== RUN'
-	$(GO) test -count=1 -run '^$$' -bench 'VethSTUNRate' -benchtime 1x -v ./loader | grep -v '^=== RUN'
+	$(GO) test -count=1 -run '^$$' -bench 'VethSTUNBounce' -benchtime 1x -v ./loader | grep -v '^=== RUN'
+	$(GO) test -count=1 -run '^$$' -bench '^BenchmarkXDP(Empty|Bounce)?$$' -benchtime 200000x ./loader | grep 'ns/pkt'
 	cd interop && $(GO) test -count=1 -run '^$$' -bench 'CertsTLSConnVsDerper' -benchtime 1000x -v . | grep -v '^=== RUN'
 	cd interop && $(GO) test -count=1 -run '^$$' -bench 'MeshForward' -benchtime 1x -v . | grep -v '^=== RUN'
 

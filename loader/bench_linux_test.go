@@ -56,3 +56,15 @@ func BenchmarkXDPEmpty(b *testing.B) {
 	defer prog.Close()
 	benchProg(b, prog, frame{src: cli4, dst: srv4, payload: tsRequest()}.build())
 }
+
+// BenchmarkXDPBounce is the per-request cost of the load generator of
+// BenchmarkVethSTUNBounce (package bpf/loadgen): xderp's response to a flow's
+// request turned back into that request. Compare with BenchmarkXDP/ipv4-stun
+// (what xderp spends answering it) and BenchmarkXDPEmpty.
+func BenchmarkXDPBounce(b *testing.B) {
+	x := loadTest(b, Config{})
+	frames := bounceFrames(withPort(cli4, 20000), srv4, macA, macB, 1)
+	bn := loadBouncer(b, frames, 0)
+	_, resp := run(b, x, frames[0])
+	benchProg(b, bn.objs.BounceXdp, resp)
+}

@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -40,6 +41,12 @@ type vethEnv struct {
 	pinDir       string
 	srvHandle    netns.NsHandle
 	cliHandle    netns.NsHandle
+	// cliXDP is the link of the client end's XDP program (XDP_PASS until a
+	// test swaps in another program with Update).
+	cliXDP link.Link
+	// bounces counts the bouncers loaded (newBouncer), to give each its
+	// own client ports.
+	bounces uint16
 }
 
 // privateBPFFS mounts a bpf filesystem of the test's own (the host's
@@ -63,7 +70,11 @@ func sh(t testing.TB, args ...string) {
 	}
 }
 
-func newVethEnv(t testing.TB) *vethEnv {
+func newVethEnv(t testing.TB) *vethEnv { return newVethEnvQueues(t, 1) }
+
+// newVethEnvQueues is newVethEnv with queues receive and transmit queues on
+// each end of the pair.
+func newVethEnvQueues(t testing.TB, queues int) *vethEnv {
 	guest.RequireRoot(t)
 	for _, tool := range []string{"ip", "ethtool"} {
 		if _, err := exec.LookPath(tool); err != nil {
@@ -84,7 +95,9 @@ func newVethEnv(t testing.TB) *vethEnv {
 	sh(t, "ip", "netns", "add", e.srvNS)
 	t.Cleanup(func() { exec.Command("ip", "netns", "del", e.srvNS).Run() })
 	t.Cleanup(func() { Detach(e.srvIf, e.pinDir) })
-	sh(t, "ip", "link", "add", e.cliIf, "netns", e.cliNS, "type", "veth", "peer", "name", e.srvIf, "netns", e.srvNS)
+	q := strconv.Itoa(queues)
+	sh(t, "ip", "link", "add", e.cliIf, "numtxqueues", q, "numrxqueues", q, "netns", e.cliNS,
+		"type", "veth", "peer", "name", e.srvIf, "numtxqueues", q, "numrxqueues", q, "netns", e.srvNS)
 	for _, c := range []struct{ ns, ifc, a4, a6 string }{{e.cliNS, e.cliIf, "10.201.0.1/24", "fd00:201::1/64"}, {e.srvNS, e.srvIf, "10.201.0.2/24", "fd00:201::2/64"}} {
 		sh(t, "ip", "-n", c.ns, "addr", "add", c.a4, "dev", c.ifc)
 		sh(t, "ip", "-n", c.ns, "addr", "add", c.a6, "dev", c.ifc, "nodad")
@@ -104,23 +117,40 @@ func newVethEnv(t testing.TB) *vethEnv {
 	}
 	t.Cleanup(func() { e.cliHandle.Close() })
 	// Native XDP_TX on veth needs a program on the peer too.
-	e.in(e.cliHandle, func() {
-		prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{Type: ebpf.XDP, License: "BSD",
-			Instructions: asm.Instructions{asm.LoadImm(asm.R0, 2, asm.DWord), asm.Return()}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		ifc, err := net.InterfaceByName(e.cliIf)
-		if err != nil {
-			t.Fatal(err)
-		}
-		l, err := link.AttachXDP(link.XDPOptions{Program: prog, Interface: ifc.Index})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { l.Close(); prog.Close() })
-	})
+	e.cliXDP = e.attachPass(t, e.cliHandle, e.cliIf)
 	return e
+}
+
+// attachPass attaches a program that returns XDP_PASS to ifname in namespace
+// h and returns its link (closing it detaches the program; Cleanup closes
+// it). On veth, frames the other end sends with XDP_TX reach only an end with
+// an XDP program: without one the frames are dropped, and with GRO on (which
+// gives the end NAPI but no program) they are queued but the kernel (through
+// 6.18 at least) never schedules the poll that would take them.
+func (e *vethEnv) attachPass(t testing.TB, h netns.NsHandle, ifname string) link.Link {
+	t.Helper()
+	// AttachXDP as in a SEC("xdp") program, so that a test can swap one in
+	// with a link update (which wants equal attach types).
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{Type: ebpf.XDP, AttachType: ebpf.AttachXDP, License: "BSD",
+		Instructions: asm.Instructions{asm.LoadImm(asm.R0, 2, asm.DWord), asm.Return()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var l link.Link
+	e.in(h, func() {
+		ifc, ierr := net.InterfaceByName(ifname)
+		if ierr != nil {
+			err = ierr
+			return
+		}
+		l, err = link.AttachXDP(link.XDPOptions{Program: prog, Interface: ifc.Index})
+	})
+	if err != nil {
+		prog.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close(); prog.Close() })
+	return l
 }
 
 // in runs f with the calling thread in namespace h.
