@@ -46,6 +46,7 @@ fuzz:
 
 interop:
 	cd interop && $(GO) test -count=1 ./...
+	cd interop && $(GO) test -count=1 -tags ts_debug_websockets -run '^TestWebSocket$$' .
 
 # The kernel-facing tests on every kernel of vmtest/kernels.json (KERNEL=name
 # for one), the README's result table refreshed; then the runner's own QEMU
@@ -84,6 +85,7 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	cd interop && $(GO) vet ./...
+	cd interop && $(GO) vet -tags ts_debug_websockets .
 	GOOS=darwin $(GO) build ./...
 
 generate:
