@@ -47,14 +47,15 @@ func newBatch() *batch {
 // socket is one SO_REUSEPORT socket in blocking mode, outside the Go
 // netpoller, served by one goroutine that sleeps in recvmmsg itself.
 //
-// Why not the netpoller: nearly all of a response's cost is the kernel's
-// (receiving the request, routing and sending the answer), and what the
-// server adds is waking up. Through the netpoller every idle moment costs a
-// recvmmsg that fails with EAGAIN, an epoll wake-up and a goroutine hand-off,
-// and the epoll registration is notified of every datagram received and
-// every response freed. A thread blocked in recvmmsg is woken by the kernel
-// directly and, being slower to get going, finds more requests queued, so
-// the batches grow. The price is one OS thread per socket, blocked while idle.
+// Why not the netpoller: about 95% of the CPU per response is the kernel's
+// (receiving the request, routing and sending the answer and, on loopback,
+// delivering it into the client's socket), so what the server can save is
+// the cost of waiting. Through the netpoller, running out of requests costs a
+// recvmmsg that fails with EAGAIN, an epoll_pwait wake-up and a goroutine
+// hand-off, and the epoll registration is notified of every datagram
+// received and every response freed. Blocked in recvmmsg, the thread is woken
+// by the kernel itself and every call returns requests. The price is one OS
+// thread per socket, asleep while idle.
 type socket struct{ fd int }
 
 // newSocket takes c's socket out of the netpoller: it duplicates the
