@@ -2,6 +2,7 @@ package stunserver
 
 import (
 	"encoding/binary"
+	"fmt"
 	"net"
 	"net/netip"
 	"unsafe"
@@ -43,48 +44,79 @@ func newBatch() *batch {
 	return b
 }
 
-// serveConn answers requests on c, up to batchSize per recvmmsg and one
-// sendmmsg per batch, so a busy server makes two system calls per batch
-// instead of two per request.
-func (s *Server) serveConn(c *net.UDPConn) {
-	defer s.wg.Done()
+// socket is one SO_REUSEPORT socket in blocking mode, outside the Go
+// netpoller, served by one goroutine that sleeps in recvmmsg itself.
+//
+// Why not the netpoller: about 95% of the CPU per response is the kernel's
+// (receiving the request, routing and sending the answer and, on loopback,
+// delivering it into the client's socket), so what the server can save is
+// the cost of waiting. Through the netpoller, running out of requests costs a
+// recvmmsg that fails with EAGAIN, an epoll_pwait wake-up and a goroutine
+// hand-off, and the epoll registration is notified of every datagram
+// received and every response freed. Blocked in recvmmsg, the thread is woken
+// by the kernel itself and every call returns requests. The price is one OS
+// thread per socket, asleep while idle.
+type socket struct{ fd int }
+
+// newSocket takes c's socket out of the netpoller: it duplicates the
+// descriptor, closes c (which deregisters the original from epoll) and puts
+// the socket in blocking mode. Binding through net.ListenConfig first keeps
+// Go's address handling (a wildcard address is dual-stack).
+func newSocket(c *net.UDPConn) (*socket, error) {
+	defer c.Close()
 	rc, err := c.SyscallConn()
 	if err != nil {
-		s.serveConnSimple(c)
-		return
+		return nil, err
 	}
+	fd := -1
+	var derr error
+	if err := rc.Control(func(s uintptr) { fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return nil, err
+	}
+	if derr != nil {
+		return nil, fmt.Errorf("dup: %w", derr)
+	}
+	if err := unix.SetNonblock(fd, false); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("set blocking: %w", err)
+	}
+	return &socket{fd}, nil
+}
+
+// wake makes the goroutine serving k return from recvmmsg or sendmmsg.
+// Closing a descriptor does not wake a thread blocked on it; shutdown does:
+// on an unconnected UDP socket it fails with ENOTCONN but still marks the
+// socket shut down and wakes its waiters, and every later call returns at
+// once.
+func (k *socket) wake() { unix.Shutdown(k.fd, unix.SHUT_RDWR) }
+
+func (k *socket) close() { unix.Close(k.fd) }
+
+// serve answers requests on sk until Close: up to batchSize per recvmmsg
+// (blocking for the first, MSG_WAITFORONE) and one sendmmsg per batch, so a
+// busy server makes two system calls per batch instead of two per request.
+func (s *Server) serve(sk *socket) {
+	defer s.wg.Done()
 	b := newBatch()
+	fd := uintptr(sk.fd)
 	for {
-		var n int
-		var rerr error
-		err := rc.Read(func(fd uintptr) bool {
-			for i := range b.in {
-				b.in[i].Hdr.Namelen = unix.SizeofSockaddrAny
-				b.in[i].Hdr.Flags = 0
-				b.in[i].Len = 0
-			}
-			r, _, errno := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&b.in[0])), batchSize, unix.MSG_DONTWAIT, 0, 0)
-			if errno == unix.EAGAIN || errno == unix.EWOULDBLOCK {
-				return false
-			}
-			if errno != 0 {
-				rerr = errno
-			}
-			n = int(r)
-			return true
-		})
-		if err != nil { // closed
+		for i := range b.in {
+			b.in[i].Hdr.Namelen = unix.SizeofSockaddrAny
+			b.in[i].Hdr.Flags = 0
+			b.in[i].Len = 0
+		}
+		r, _, errno := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&b.in[0])), batchSize, unix.MSG_WAITFORONE, 0, 0)
+		if s.closing.Load() {
 			return
 		}
-		if rerr != nil {
-			if rerr == unix.EINTR {
-				continue
+		if errno != 0 {
+			if errno != unix.EINTR {
+				s.readErr.Inc()
 			}
-			s.readErr.Inc()
 			continue
 		}
 		// Count per batch, not per datagram: one atomic add per counter.
-		k, bad, v4 := 0, 0, 0
+		n, k, bad, v4 := int(r), 0, 0, 0
 		for i := 0; i < n; i++ {
 			h := &b.in[i]
 			if h.Hdr.Flags&unix.MSG_TRUNC != 0 {
@@ -117,39 +149,28 @@ func (s *Server) serveConn(c *net.UDPConn) {
 		addNonZero(s.notSTUN, bad)
 		addNonZero(s.ipv4, v4)
 		addNonZero(s.ipv6, k-v4)
-		s.sendAll(rc, b.out[:k])
+		s.sendAll(fd, b.out[:k])
 	}
 }
 
-// sendAll sends every message, waiting for socket space as needed; a
-// message the kernel refuses is counted and skipped.
-func (s *Server) sendAll(rc interface {
-	Write(func(uintptr) bool) error
-}, msgs []unix.Mmsghdr) {
+// sendAll sends every message, blocking while the socket's send buffer is
+// full; a message the kernel refuses is counted and skipped.
+func (s *Server) sendAll(fd uintptr, msgs []unix.Mmsghdr) {
 	for len(msgs) > 0 {
-		var sent int
-		var werr unix.Errno
-		err := rc.Write(func(fd uintptr) bool {
-			r, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&msgs[0])), uintptr(len(msgs)), unix.MSG_DONTWAIT, 0, 0)
-			if errno == unix.EAGAIN || errno == unix.EWOULDBLOCK {
-				return false
-			}
-			werr, sent = errno, int(r)
-			return true
-		})
-		if err != nil {
-			return
-		}
+		r, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&msgs[0])), uintptr(len(msgs)), unix.MSG_NOSIGNAL, 0, 0)
 		switch {
-		case werr == unix.EINTR:
-		case werr != 0:
+		case errno == unix.EINTR:
+		case errno != 0:
+			if s.closing.Load() {
+				return
+			}
 			// The first message failed (an unreachable destination, say):
 			// count it and go on with the rest.
 			s.writeErr.Inc()
 			msgs = msgs[1:]
 		default:
-			s.success.Add(uint64(sent))
-			msgs = msgs[sent:]
+			s.success.Add(uint64(r))
+			msgs = msgs[r:]
 		}
 	}
 }

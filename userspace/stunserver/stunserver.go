@@ -7,15 +7,14 @@ package stunserver
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"runtime"
 	"sync"
+	"sync/atomic"
 
 	"github.com/xderp/xderp/userspace/metrics"
-	"github.com/xderp/xderp/userspace/stun"
 )
 
 // Options configures a Server.
@@ -27,9 +26,11 @@ type Options struct {
 
 // Server answers STUN binding requests on one UDP address.
 type Server struct {
-	conns []*net.UDPConn
+	socks []*socket
+	addr  netip.AddrPort
 	wg    sync.WaitGroup
 
+	closing   atomic.Bool // set by Close before it wakes the serving goroutines
 	closeOnce sync.Once
 
 	success, notSTUN, readErr, writeErr *metrics.Counter
@@ -75,69 +76,42 @@ func (s *Server) Start(ctx context.Context, addr string, sockets int) error {
 			return fmt.Errorf("stun: listen %s: %w", addr, err)
 		}
 		c := pc.(*net.UDPConn)
-		s.conns = append(s.conns, c)
 		if i == 0 {
+			s.addr = c.LocalAddr().(*net.UDPAddr).AddrPort()
 			addr = c.LocalAddr().String() // later sockets join the port the first one got
 		}
+		k, err := newSocket(c)
+		if err != nil {
+			s.Close()
+			return fmt.Errorf("stun: %s: %w", addr, err)
+		}
+		s.socks = append(s.socks, k)
 	}
-	for _, c := range s.conns {
+	for _, k := range s.socks {
 		s.wg.Add(1)
-		go s.serveConn(c)
+		go s.serve(k)
 	}
 	return nil
 }
 
-// LocalAddr returns the bound address, or the zero value before Listen.
+// LocalAddr returns the bound address, or the zero value before Start.
 func (s *Server) LocalAddr() netip.AddrPort {
-	if len(s.conns) == 0 {
-		return netip.AddrPort{}
-	}
-	return s.conns[0].LocalAddr().(*net.UDPAddr).AddrPort()
+	return s.addr
 }
 
-// Close closes every socket and waits for the serving goroutines.
+// Close stops serving, waits for the serving goroutines and closes every
+// socket. The descriptors are closed only once no goroutine uses them, so a
+// number the kernel hands out again is never read by a late system call.
 func (s *Server) Close() error {
 	s.closeOnce.Do(func() {
-		for _, c := range s.conns {
-			c.Close()
+		s.closing.Store(true)
+		for _, k := range s.socks {
+			k.wake()
+		}
+		s.wg.Wait()
+		for _, k := range s.socks {
+			k.close()
 		}
 	})
-	s.wg.Wait()
 	return nil
-}
-
-// serveConnSimple answers requests on c one datagram at a time (platforms
-// without recvmmsg).
-func (s *Server) serveConnSimple(c *net.UDPConn) {
-	buf := make([]byte, 64<<10)
-	out := make([]byte, 0, 64)
-	for {
-		n, from, err := c.ReadFromUDPAddrPort(buf)
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			s.readErr.Inc()
-			continue
-		}
-		tx, err := stun.ParseBindingRequest(buf[:n])
-		if err != nil {
-			s.notSTUN.Inc()
-			continue
-		}
-		if from.Addr().Unmap().Is4() {
-			s.ipv4.Inc()
-		} else {
-			s.ipv6.Inc()
-		}
-		out = stun.AppendResponse(out[:0], tx, from)
-		if _, err := c.WriteToUDPAddrPort(out, from); err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			s.writeErr.Inc()
-			continue
-		}
-		s.success.Inc()
-	}
 }

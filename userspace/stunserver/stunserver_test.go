@@ -176,3 +176,34 @@ func TestCloseStopsServing(t *testing.T) {
 	}
 	c.Close()
 }
+
+// TestCloseWakesIdleServer closes a server whose goroutines have answered a
+// request and gone back to waiting for the next: Close must wake them (on
+// Linux they sleep in recvmmsg, which closing the descriptor alone would not
+// interrupt) and return.
+func TestCloseWakesIdleServer(t *testing.T) {
+	reg := metrics.NewRegistry()
+	s := New(Options{Metrics: reg})
+	if err := s.Start(context.Background(), "127.0.0.1:0", 4); err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		s.Close()
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var tx [12]byte
+	rand.Read(tx[:])
+	decodeResponse(t, exchange(t, c, s.LocalAddr(), tailscaleStyleRequest(tx)), tx)
+	done := make(chan struct{})
+	go func() {
+		s.Close()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return within 10s")
+	}
+}
