@@ -169,6 +169,7 @@ func (c *sclient) idleRead(cr *connReader) {
 		c.finishRead(cr, err)
 		return
 	}
+	cr.woke = true // readable: the first read after this needs no probe
 	c.readLoop(cr)
 }
 
@@ -216,7 +217,6 @@ func (c *sclient) readFrames(cr *connReader) error {
 				if err := cr.waitIdle(); err != nil {
 					return err
 				}
-				cr.woke = false
 			}
 		}
 		h, err := cr.next(derp.FrameHeaderLen)

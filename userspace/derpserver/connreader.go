@@ -32,7 +32,7 @@ type connReader struct {
 
 	// TLS over a TLSListener connection only (see tlsidle.go).
 	tls    *probeConn
-	woke   bool  // the socket was just found readable: read without probing
+	woke   bool  // idleRead found the socket readable: read without probing
 	idleNs int64 // how long the last idle wait lasted (MaxInt64 before the first)
 }
 
@@ -157,7 +157,6 @@ func (cr *connReader) waitIdle() error {
 	start := monoNow()
 	err := waitReadable(cr.tls.rc, cr.park)
 	cr.idleNs = monoNow() - start
-	cr.woke = true
 	return err
 }
 
