@@ -4,6 +4,7 @@ package loader
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -16,6 +17,7 @@ import (
 	"runtime"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -29,6 +31,74 @@ import (
 	"github.com/xderp/xderp/userspace/stun"
 	"github.com/xderp/xderp/vmtest/guest"
 )
+
+var reuseportWarm sync.Once
+
+// warmReuseportHash sends one datagram to a SO_REUSEPORT group on ::1 and
+// on 127.0.0.1 before any veth test loads both CPUs with UDP. The kernel
+// seeds the reuseport hash secrets on first use and then patches a static
+// branch from a workqueue; under QEMU without KVM, a 6.12 guest crashed
+// with an unhandled int3 in udp_ehashfn when that patching raced both
+// vCPUs running the function under a flood. Done once, quietly, and well
+// before the flood (namespace setup follows), the patching has no
+// concurrent callers.
+func warmReuseportHash(t testing.TB) {
+	reuseportWarm.Do(func() {
+		for _, network := range []string{"udp4", "udp6"} {
+			if err := reuseportExchange(network); err != nil {
+				t.Logf("warming the %s reuseport hash: %v", network, err)
+			}
+		}
+	})
+}
+
+// reuseportExchange binds two SO_REUSEPORT sockets to one loopback port and
+// delivers one datagram to the group.
+func reuseportExchange(network string) error {
+	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1) })
+		return errors.Join(err, serr)
+	}}
+	host := "127.0.0.1"
+	if network == "udp6" {
+		host = "::1"
+	}
+	a, err := lc.ListenPacket(context.Background(), network, net.JoinHostPort(host, "0"))
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	b, err := lc.ListenPacket(context.Background(), network, a.LocalAddr().String())
+	if err != nil {
+		return err
+	}
+	defer b.Close()
+	c, err := net.Dial(network, a.LocalAddr().String())
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("warm")); err != nil {
+		return err
+	}
+	got := make(chan error, 2)
+	for _, pc := range []net.PacketConn{a, b} {
+		go func() {
+			pc.SetReadDeadline(time.Now().Add(5 * time.Second))
+			_, _, err := pc.ReadFrom(make([]byte, 16))
+			got <- err
+		}()
+	}
+	// One of the two sockets receives it; closing both ends the other read.
+	first := <-got
+	a.Close()
+	b.Close()
+	if second := <-got; first != nil && second != nil {
+		return first
+	}
+	return nil
+}
 
 // vethEnv is a client namespace and a server namespace joined by a veth
 // pair; the test creates both and deletes them in Cleanup.
@@ -76,6 +146,7 @@ func newVethEnv(t testing.TB) *vethEnv { return newVethEnvQueues(t, 1) }
 // each end of the pair.
 func newVethEnvQueues(t testing.TB, queues int) *vethEnv {
 	guest.RequireRoot(t)
+	warmReuseportHash(t)
 	for _, tool := range []string{"ip", "ethtool"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			guest.Skip(t, tool+" not installed (apt-get install iproute2 ethtool)")
