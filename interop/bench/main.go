@@ -492,7 +492,7 @@ func throughput(s relay, closed bool) (delivered, offered float64, err error) {
 	elapsed := time.Since(start)
 	n, m := recvd.Load(), sent.Load()
 	cpu1, _ := s.CPUSeconds()
-	lastCPU = cpu1 - cpu0
+	lastCPU, lastElapsed = cpu1-cpu0, elapsed.Seconds()
 	genCPU := selfCPU() - self0
 	after := serverCounters(s)
 	log.Printf("%s %s: server counted per second: %s; CPU cores busy: server %.2f, load generator %.2f",
@@ -620,14 +620,16 @@ func selfCPU() float64 {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
 }
 
-// lastCPU is the server CPU time (s) of the last measured window.
-var lastCPU float64
+// lastCPU is the server CPU time (s) of the last measured window, and
+// lastElapsed that window's wall-clock length (s), over which its rate was
+// counted.
+var lastCPU, lastElapsed float64
 
 func perCPU(rate float64) float64 {
 	if lastCPU <= 0 {
 		return 0
 	}
-	return rate * (*flagDuration).Seconds() / lastCPU
+	return rate * lastElapsed / lastCPU
 }
 
 // counters are the server's own packet counters (derper's names).
@@ -849,7 +851,7 @@ func stunRate(s relay) (float64, error) {
 	counting.Store(false)
 	elapsed := time.Since(start)
 	cpu1, _ := s.CPUSeconds()
-	lastCPU = cpu1 - cpu0
+	lastCPU, lastElapsed = cpu1-cpu0, elapsed.Seconds()
 	log.Printf("%s stun: CPU cores busy: server %.2f, load generator %.2f", s.kind(), lastCPU/elapsed.Seconds(), (selfCPU()-self0)/elapsed.Seconds())
 	stop.Store(true)
 	wg.Wait()
