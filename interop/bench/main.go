@@ -570,6 +570,7 @@ func latency(s relay) (p50, p99 time.Duration, err error) {
 		}
 	}
 	var samples []time.Duration
+	cpu0, self0, trips := serverCPU(s), selfCPU(), 0
 	warmEnd := time.Now().Add(*flagWarmup)
 	end := warmEnd.Add(*flagDuration)
 	for seq := uint64(1); time.Now().Before(end) && len(samples) < 500_000; seq++ {
@@ -600,15 +601,29 @@ func latency(s relay) (p50, p99 time.Duration, err error) {
 		}
 		timeout.Stop()
 		rtt := time.Since(t0)
-		if t0.After(warmEnd) && rtt < 2*time.Second {
-			samples = append(samples, rtt)
+		if rtt < 2*time.Second {
+			trips++
+			if t0.After(warmEnd) {
+				samples = append(samples, rtt)
+			}
 		}
 	}
 	if len(samples) == 0 {
 		return 0, 0, errors.New("no round trip completed")
 	}
+	// Where a round trip's time goes: CPU of the server and of this
+	// process (the two clients) per round trip; the rest is waiting.
+	log.Printf("%s rtt: CPU per round trip: server %.1f µs, clients %.1f µs",
+		s.kind(), (serverCPU(s)-cpu0)/float64(trips)*1e6, (selfCPU()-self0)/float64(trips)*1e6)
 	slices.Sort(samples)
 	return samples[len(samples)/2], samples[len(samples)*99/100], nil
+}
+
+// serverCPU returns the CPU time (s) the server process has used (0 if
+// unknown).
+func serverCPU(s relay) float64 {
+	c, _ := s.CPUSeconds()
+	return c
 }
 
 // selfCPU returns the CPU time (s) the bench process has used.
