@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/xderp/xderp/interop/internal/target"
 	"tailscale.com/derp"
 	"tailscale.com/disco"
 	"tailscale.com/types/key"
@@ -148,6 +149,47 @@ func TestEveryPacketSize(t *testing.T) {
 
 // TestPeerGone: a client that sent to a peer is told when that peer's
 // (only) connection goes away.
+// TestQuietAfterBurst: a burst goes out through a writer goroutine, which
+// arms a write deadline and exits once the connection has been quiet a
+// while; a packet after that must still be delivered on the same
+// connection (a deadline left armed would make the server fail the write
+// and close the receiver's connection).
+func TestQuietAfterBurst(t *testing.T) {
+	if kind != target.Xderpd {
+		t.Skip("waits on xderpd's writer metric; derper has no such writers")
+	}
+	s := startServer(t, target.Options{})
+	a, b := newPeer(t, s), newPeer(t, s)
+	syncPeers(t, a, b)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for round := range 2 {
+		sizes := make([]int, 300)
+		for i := range sizes {
+			sizes[i] = 1200
+		}
+		if err := stream(a, b, sizes, len(sizes), time.Now().Add(10*time.Second)); err != nil {
+			t.Fatalf("round %d burst: %v", round, err)
+		}
+		waitMetricOf(t, ctx, s, "xderp_writers_active", func(v float64) bool { return v == 0 })
+		want := []byte{'q', byte(round)}
+		if err := a.c.Send(b.pub, want); err != nil {
+			t.Fatal(err)
+		}
+		rp, err := b.nextPacket(5 * time.Second)
+		if err != nil {
+			t.Fatalf("round %d: packet after the writer exited: %v", round, err)
+		}
+		if rp.Source != a.pub || !bytes.Equal(rp.Data, want) {
+			t.Fatalf("round %d: got %x from %v", round, rp.Data, rp.Source.ShortString())
+		}
+	}
+	const writeErrors = `derp_packets_dropped{reason="write_error",kind="other"}`
+	if v, err := s.Metric(ctx, writeErrors); err != nil || v != 0 {
+		t.Fatalf("%s = %v (%v)", writeErrors, v, err)
+	}
+}
+
 func TestPeerGone(t *testing.T) {
 	a, b := newPeer(t, srv), newPeer(t, srv)
 	syncPeers(t, a, b) // a and b have both sent to each other

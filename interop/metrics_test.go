@@ -2,7 +2,6 @@ package interop
 
 import (
 	"context"
-
 	"io"
 	"net/http"
 	"strings"
@@ -12,6 +11,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
+	"github.com/xderp/xderp/interop/internal/target"
 )
 
 // fetchMetrics GETs path from the shared server and parses it with the
@@ -173,10 +173,16 @@ func TestMetricsTrackConnections(t *testing.T) {
 
 func waitMetric(t *testing.T, ctx context.Context, name string, ok func(float64) bool) {
 	t.Helper()
+	waitMetricOf(t, ctx, srv, name, ok)
+}
+
+// waitMetricOf is waitMetric for a server of the test's own.
+func waitMetricOf(t *testing.T, ctx context.Context, s *target.Server, name string, ok func(float64) bool) {
+	t.Helper()
 	var last float64
 	var err error
 	for {
-		last, err = srv.Metric(ctx, name)
+		last, err = s.Metric(ctx, name)
 		if err == nil && ok(last) {
 			return
 		}

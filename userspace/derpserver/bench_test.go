@@ -209,7 +209,7 @@ func BenchmarkIdleConnMemory(b *testing.B) {
 		}
 		ts.waitMetric("derp_current_connections", func(v float64) bool { return v == n })
 		// Idle server: wait for the writers to exit after their linger.
-		deadline := time.Now().Add(writerLinger + 10*time.Second)
+		deadline := time.Now().Add(defaultWriterLinger + 10*time.Second)
 		for ts.metric("xderp_writers_active") != 0 && time.Now().Before(deadline) {
 			time.Sleep(50 * time.Millisecond)
 		}

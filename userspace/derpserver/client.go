@@ -3,6 +3,7 @@ package derpserver
 import (
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/netip"
 	"os"
@@ -131,13 +132,26 @@ type sclient struct {
 	sawSrc       map[derp.PublicKey]*keyEntry
 	pendingSrc   map[derp.PublicKey]struct{} // keys in Server.pendingRecv for this conn; written with Server.mu held
 	lastSrcEntry *keyEntry
-	deadlineSet  int64 // monoNow() when the write deadline was last moved
+	deadlineSet  int64 // monoNow() when the write deadline was last moved; noDeadline if none is armed
 	// An inline write that the socket took only in part: the writer
 	// goroutine writes the rest of pending.frame()[pendingOff:] first.
 	pending    *packet
 	pendingOff int
 
 	rc syscall.RawConn // raw socket for inline writes; nil if not a plain socket
+}
+
+// noDeadline is sclient.deadlineSet while no write deadline is armed: far
+// enough in the past that the first write arms one.
+const noDeadline = math.MinInt64 / 2
+
+// disarmWriteDeadline clears the write deadline, if one is armed. Only the
+// holder of the writer role calls it.
+func (c *sclient) disarmWriteDeadline() {
+	if c.deadlineSet != noDeadline {
+		c.conn.SetWriteDeadline(time.Time{})
+		c.deadlineSet = noDeadline
+	}
 }
 
 // writeTimeout is the per-write deadline for this connection's writes.
@@ -721,7 +735,8 @@ func (b *writeBatch) empty() bool {
 }
 
 // writeLoop drains the queues into batched writes. It exits when the
-// connection closes, on a write error, or after writerLinger without work.
+// connection closes, on a write error, or after Server.writerLinger without
+// work.
 func (c *sclient) writeLoop() {
 	s := c.s
 	defer s.wg.Done()
@@ -815,7 +830,7 @@ func (c *sclient) writeLoop() {
 				bufp = nil
 			}
 			if timer == nil {
-				timer = time.NewTimer(writerLinger)
+				timer = time.NewTimer(s.writerLinger)
 				busy = false
 			}
 			select {
@@ -826,9 +841,15 @@ func (c *sclient) writeLoop() {
 			}
 			if busy {
 				busy = false
-				timer.Reset(writerLinger)
+				timer.Reset(s.writerLinger)
 				continue
 			}
+			// Inline writes (writeInline) use the same descriptor and set
+			// no deadline of their own, and the runtime fails every write
+			// once an armed deadline has passed: disarm it before the
+			// writer role can be given up. (If work has come in meanwhile,
+			// the next flush arms it again.)
+			c.disarmWriteDeadline()
 			c.mu.Lock()
 			if !c.closed && len(c.ctrl) == 0 && c.data.n == 0 && c.disco.n == 0 && !c.pongPending && !c.keepAliveDue && !c.closeAfter {
 				c.writerRunning = false
@@ -838,7 +859,7 @@ func (c *sclient) writeLoop() {
 			}
 			c.writerWaiting = false
 			c.mu.Unlock()
-			timer.Reset(writerLinger)
+			timer.Reset(s.writerLinger)
 			continue
 		}
 		c.mu.Unlock()

@@ -220,6 +220,7 @@ func (s *Server) handshake(ctx context.Context, nc net.Conn, br *bufio.Reader, f
 		connNum:     s.connNum.Add(1),
 		connectedAt: monoNow(),
 		wake:        make(chan struct{}, 1),
+		deadlineSet: noDeadline,
 		// Until serveConn has written ServerInfo (see there).
 		writerRunning: true,
 		rc:            rawConnOf(nc),

@@ -42,9 +42,9 @@ const (
 	DefaultCloseGrace       = time.Second
 	DefaultMaxSkipFrame     = derp.MaxFrameSize
 	DefaultRestartTryFor    = 5 * time.Second
-	// writerLinger is how long an idle writer goroutine waits for more work
-	// before exiting.
-	writerLinger = 2 * time.Second
+	// defaultWriterLinger is how long an idle writer goroutine waits for
+	// more work before exiting.
+	defaultWriterLinger = 2 * time.Second
 	// maxCtrlQueue bounds the control frames (PeerGone/PeerPresent/Health)
 	// queued for one connection; a connection that falls this far behind is
 	// closed.
@@ -134,6 +134,10 @@ type Server struct {
 	idleHandoffNs int64
 	idleHandoffs  atomic.Uint64
 
+	// writerLinger is how long an idle writer goroutine waits for more
+	// work before exiting (defaultWriterLinger; shortened by tests).
+	writerLinger time.Duration
+
 	upgradeResp []byte // 101 response followed by the ServerKey frame
 	serverKey   []byte // ServerKey frame alone (fast start)
 
@@ -196,6 +200,7 @@ func New(opts Options) (*Server, error) {
 		clients:     make(map[*sclient]struct{}),
 
 		idleHandoffNs: int64(100 * time.Millisecond),
+		writerLinger:  defaultWriterLinger,
 	}
 	if opts.MeshKey != "" {
 		k, err := derp.ParseMeshKey(opts.MeshKey)

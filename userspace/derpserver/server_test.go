@@ -285,6 +285,39 @@ func TestUnknownDestination(t *testing.T) {
 	ts.waitMetric(`derp_bytes_dropped{reason="unknown_dest",kind="disco"}`, func(v float64) bool { return v == 6*80 })
 }
 
+// A writer goroutine arms a write deadline; once it has exited, a packet
+// written inline by the sender's reader must still go out. (The runtime
+// fails every write on a descriptor whose armed deadline has passed.)
+func TestInlineWriteAfterWriterExit(t *testing.T) {
+	const wt = 50 * time.Millisecond
+	ts := newTestServer(t, Options{WriteTimeout: wt})
+	ts.s.writerLinger = wt // the writer exits at least 2*wt after its last write
+	sender := newClient(t, ts.addr, clientOpts{})
+	recv := newClient(t, ts.addr, clientOpts{})
+	for round := range 3 {
+		starts := ts.metric("xderp_writer_starts_total")
+		// A burst in one write goes through a writer goroutine.
+		var burst []byte
+		for range 200 {
+			burst = append(burst, derp.AppendSendPacket(nil, recv.pub, randBytes(1200))...)
+		}
+		sender.write(burst)
+		for range 200 {
+			recv.recvPacket()
+		}
+		ts.waitMetric("xderp_writer_starts_total", func(v float64) bool { return v > starts })
+		ts.waitMetric("xderp_writers_active", func(v float64) bool { return v == 0 })
+		// One packet alone is written inline, past the old deadline.
+		sender.send(recv.pub, []byte{byte(round)})
+		if _, p := recv.recvPacket(); !bytes.Equal(p, []byte{byte(round)}) {
+			t.Fatalf("round %d: got %x", round, p)
+		}
+	}
+	if v := ts.metric(`derp_packets_dropped{reason="write_error",kind="other"}`); v != 0 {
+		t.Fatalf("%v write errors", v)
+	}
+}
+
 func TestSlowReceiverDoesNotBlockSender(t *testing.T) {
 	ts := newTestServer(t, Options{WriteTimeout: 300 * time.Millisecond})
 	sender := newClient(t, ts.addr, clientOpts{})
