@@ -36,7 +36,10 @@ func TestVethShapingFlood(t *testing.T) {
 		pps, burst, window = 100, 50, 8*time.Second
 	}
 	const (
-		port = 8443
+		// The raw flood's backstop: this machine sends about 400,000
+		// packets per second when idle, so 50M is over 100 s of flood.
+		rawFloodMax = 50_000_000
+		port        = 8443
 		// The flood runs for warmup+window+tail; the rate is measured
 		// over window only, when the burst is spent and every sender runs.
 		warmup = 300 * time.Millisecond
@@ -116,6 +119,7 @@ func TestVethShapingFlood(t *testing.T) {
 	var wg sync.WaitGroup
 	var exemptSent atomic.Int64
 	var rawSent atomic.Int64
+	var rawCapped atomic.Bool
 	for i, c := range append(conns, exempt) {
 		wg.Add(1)
 		go func() {
@@ -133,7 +137,14 @@ func TestVethShapingFlood(t *testing.T) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		for n := 0; n < 1_000_000 && ctx.Err() == nil; n++ {
+		// The flood must last the whole window (the measured rate means
+		// nothing after it stops), so the context ends it; the count is
+		// only a backstop, far above what a machine sends in that time.
+		for n := 0; ctx.Err() == nil; n++ {
+			if n == rawFloodMax {
+				rawCapped.Store(true)
+				return
+			}
 			if unix.Sendto(fd, ack, 0, sa) == nil {
 				rawSent.Add(1)
 			}
@@ -156,6 +167,9 @@ func TestVethShapingFlood(t *testing.T) {
 	rate := admitted / elapsed.Seconds()
 	t.Logf("shaped source: offered %.0f raw pkt/s + 8 TCP connections, admitted %.0f pkt/s (limit %.0f, burst %d), dropped %.0f pkt/s; exempt source: %.0f pkt/s, %.1f MB sent in all",
 		float64(sent)/elapsed.Seconds(), rate, pps, burst, dropped/elapsed.Seconds(), exemptPkts/elapsed.Seconds(), float64(exemptSent.Load())/1e6)
+	if rawCapped.Load() {
+		t.Fatalf("the raw flood reached its backstop of %d packets before the window ended", rawFloodMax)
+	}
 	if float64(sent) < 3*pps*elapsed.Seconds() {
 		t.Fatalf("the flood offered only %d packets in %v: not a flood on this machine", sent, elapsed)
 	}
