@@ -18,7 +18,7 @@ APT_PKGS    := clang llvm libbpf-dev bpftool iproute2 ethtool util-linux libcap2
                mmdebstrap mtools dosfstools fdisk systemd-boot-efi e2fsprogs ovmf python3
 export GOTOOLCHAIN := local
 
-.PHONY: all build run test unit fuzz interop vmtest vmtest-selftest image image-test bench lint generate check-generated deps clean
+.PHONY: all build run test unit fuzz interop soak vmtest vmtest-selftest image image-test bench lint generate check-generated deps clean
 
 all: build
 
@@ -50,6 +50,12 @@ fuzz:
 interop:
 	cd interop && $(GO) test -count=1 ./...
 	cd interop && $(GO) test -count=1 -tags ts_debug_websockets -run '^TestWebSocket$$' .
+
+# Not part of `make test`: Tailscale's clients against the real daemon for
+# SOAK (bursts, single packets, quiet spells past the 60 s keepalive).
+SOAK ?= 5m
+soak:
+	cd interop && XDERP_SOAK=$(SOAK) $(GO) test -count=1 -timeout 0 -run '^TestSoak$$' -v .
 
 # The kernel-facing tests on every kernel of vmtest/kernels.json (KERNEL=name
 # for one), the README's result table refreshed; then the runner's own QEMU

@@ -119,6 +119,11 @@ func newPeerKey(t testing.TB, s *target.Server, priv key.NodePrivate) *peer {
 	if err := c.Connect(ctx); err != nil {
 		t.Fatalf("connect %s: %v", s.DERPURL(), err)
 	}
+	return startPeer(t, c, priv)
+}
+
+// startPeer wraps a connected client as a peer.
+func startPeer(t testing.TB, c *derphttp.Client, priv key.NodePrivate) *peer {
 	ch := make(chan derp.ReceivedMessage, 8192)
 	p := &peer{priv: priv, pub: priv.Public(), c: c, msgs: ch}
 	go func() {

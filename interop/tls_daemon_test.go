@@ -27,6 +27,41 @@ func TestDaemonTLSPinnedSelfSigned(t *testing.T) {
 	if kind != target.Xderpd {
 		t.Skip("xderpd's own TLS front; the reference has no hot-reloadable manual mode")
 	}
+	node, args, out := startSelfSignedDaemon(t)
+
+	a, aKey, err := certsDerpClient(t, node, nil)
+	if err != nil {
+		t.Fatalf("client with the printed pin: %v", err)
+	}
+	b, bKey, err := certsDerpClient(t, node, &tls.Config{MaxVersion: tls.VersionTLS12})
+	if err != nil {
+		t.Fatalf("TLS 1.2 client: %v", err)
+	}
+	if v := certsTlsState(t, a).Version; v != tls.VersionTLS13 {
+		t.Errorf("a negotiated %s", tls.VersionName(v))
+	}
+	if v := certsTlsState(t, b).Version; v != tls.VersionTLS12 {
+		t.Errorf("b negotiated %s", tls.VersionName(v))
+	}
+	if _, err := certsExchange(a, aKey, b, "1.3 to 1.2"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := certsExchange(b, bKey, a, "1.2 to 1.3"); err != nil {
+		t.Fatal(err)
+	}
+	// The certificate (and so the pin) survives a restart: the same node
+	// is printed again.
+	out2, err := exec.Command(binPath, append(args, "-print-derpmap")...).Output()
+	if err != nil || string(out2) != string(out) {
+		t.Errorf("DERP map changed across runs: %v\n%s\n%s", err, out, out2)
+	}
+}
+
+// startSelfSignedDaemon runs xderpd over TLS on loopback with a self-signed
+// certificate for 127.0.0.1 (-certmode manual) and returns the DERP map node
+// it printed, its arguments and the printed map.
+func startSelfSignedDaemon(t *testing.T) (*tailcfg.DERPNode, []string, []byte) {
+	t.Helper()
 	dir := t.TempDir()
 	port, sport, err := target.FreePort("127.0.0.1")
 	if err != nil {
@@ -57,33 +92,7 @@ func TestDaemonTLSPinnedSelfSigned(t *testing.T) {
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait(); logf.Close() })
 	waitHTTPS(t, "https://"+net.JoinHostPort("127.0.0.1", strconv.Itoa(port))+"/derp/probe")
-
-	a, aKey, err := certsDerpClient(t, node, nil)
-	if err != nil {
-		t.Fatalf("client with the printed pin: %v", err)
-	}
-	b, bKey, err := certsDerpClient(t, node, &tls.Config{MaxVersion: tls.VersionTLS12})
-	if err != nil {
-		t.Fatalf("TLS 1.2 client: %v", err)
-	}
-	if v := certsTlsState(t, a).Version; v != tls.VersionTLS13 {
-		t.Errorf("a negotiated %s", tls.VersionName(v))
-	}
-	if v := certsTlsState(t, b).Version; v != tls.VersionTLS12 {
-		t.Errorf("b negotiated %s", tls.VersionName(v))
-	}
-	if _, err := certsExchange(a, aKey, b, "1.3 to 1.2"); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := certsExchange(b, bKey, a, "1.2 to 1.3"); err != nil {
-		t.Fatal(err)
-	}
-	// The certificate (and so the pin) survives a restart: the same node
-	// is printed again.
-	out2, err := exec.Command(binPath, append(args, "-print-derpmap")...).Output()
-	if err != nil || string(out2) != string(out) {
-		t.Errorf("DERP map changed across runs: %v\n%s\n%s", err, out, out2)
-	}
+	return node, args, out
 }
 
 func waitHTTPS(t *testing.T, url string) {
