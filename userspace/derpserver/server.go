@@ -137,6 +137,9 @@ type Server struct {
 	// writerLinger is how long an idle writer goroutine waits for more
 	// work before exiting (defaultWriterLinger; shortened by tests).
 	writerLinger time.Duration
+	// wsControlTimeout bounds the write of a WebSocket Pong
+	// (DefaultWriteTimeout; shortened by tests).
+	wsControlTimeout time.Duration
 
 	upgradeResp []byte // 101 response followed by the ServerKey frame
 	serverKey   []byte // ServerKey frame alone (fast start)
@@ -201,6 +204,8 @@ func New(opts Options) (*Server, error) {
 
 		idleHandoffNs: int64(100 * time.Millisecond),
 		writerLinger:  defaultWriterLinger,
+
+		wsControlTimeout: DefaultWriteTimeout,
 	}
 	if opts.MeshKey != "" {
 		k, err := derp.ParseMeshKey(opts.MeshKey)

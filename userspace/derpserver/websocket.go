@@ -82,13 +82,14 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 		"Connection: Upgrade\r\n" +
 		"Sec-WebSocket-Accept: " + wsAccept(key) + "\r\n" +
 		"Sec-WebSocket-Protocol: derp\r\n\r\n"
-	nc.SetWriteDeadline(timeNowPlus(s.opts.HandshakeTimeout))
+	hsDeadline := timeNowPlus(s.opts.HandshakeTimeout)
+	nc.SetWriteDeadline(hsDeadline)
 	if _, err := io.WriteString(nc, resp); err != nil {
 		s.m.handshakeErrors[hsWrite].Inc()
 		nc.Close()
 		return
 	}
-	ws := &wsConn{Conn: nc, br: brw.Reader}
+	ws := &wsConn{Conn: nc, br: brw.Reader, wdl: hsDeadline, controlTimeout: s.wsControlTimeout}
 	notIdeal := r.Header.Get("Ideal-Node") != ""
 	// The DERP handshake reads through a small reader on top of the
 	// WebSocket stream; what it buffers past ClientInfo is handed on.
@@ -114,6 +115,27 @@ type wsConn struct {
 	wmu       sync.Mutex
 	hdr       [14]byte
 	closeSent bool
+	// wdl is the write deadline the connection's user (its writer) set.
+	// A Pong answered from the reader's goroutine gets controlTimeout of
+	// its own and then puts wdl back, so the writer never inherits it.
+	wdl            time.Time
+	controlTimeout time.Duration
+}
+
+// SetWriteDeadline records d as the user's write deadline and applies it.
+func (c *wsConn) SetWriteDeadline(d time.Time) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.wdl = d
+	return c.Conn.SetWriteDeadline(d)
+}
+
+// SetDeadline is SetWriteDeadline plus the read deadline.
+func (c *wsConn) SetDeadline(d time.Time) error {
+	if err := c.Conn.SetReadDeadline(d); err != nil {
+		return err
+	}
+	return c.SetWriteDeadline(d)
 }
 
 // Read returns payload bytes of binary messages, answering control frames
@@ -214,8 +236,7 @@ func (c *wsConn) readFrameHeader() error {
 		}
 		switch op {
 		case wsPing:
-			c.Conn.SetWriteDeadline(timeNowPlus(DefaultWriteTimeout))
-			if err := c.writeFrame(wsPong, b); err != nil {
+			if err := c.writePong(b); err != nil {
 				return err
 			}
 		case wsClose:
@@ -292,19 +313,24 @@ func (c *wsConn) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func (c *wsConn) writeFrame(op byte, p []byte) error {
+// writePong answers a Ping, from the reader's goroutine, within
+// controlTimeout, and then restores the writer's deadline.
+func (c *wsConn) writePong(p []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	if c.closeSent {
 		return net.ErrClosed
 	}
-	return c.writeLocked(op, p)
+	c.Conn.SetWriteDeadline(timeNowPlus(c.controlTimeout))
+	err := c.writeLocked(wsPong, p)
+	c.Conn.SetWriteDeadline(c.wdl)
+	return err
 }
 
 func (c *wsConn) writeFrameForce(op byte, p []byte) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	c.Conn.SetWriteDeadline(timeNowPlus(DefaultWriteTimeout))
+	c.Conn.SetWriteDeadline(timeNowPlus(c.controlTimeout))
 	c.writeLocked(op, p)
 }
 

@@ -225,6 +225,27 @@ func TestWebSocketRelay(t *testing.T) {
 	ts.waitMetric("derp_websocket_accepts", func(v float64) bool { return v == 1 })
 }
 
+// A Pong is written with a deadline of its own, from the reader; the
+// writer must not inherit it. With write timeouts off, a deadline left
+// behind would fail every write once it passed.
+func TestWebSocketPongLeavesNoDeadline(t *testing.T) {
+	ts := newTestServer(t, Options{WriteTimeout: -1})
+	const control = 20 * time.Millisecond
+	ts.s.wsControlTimeout = control
+	a, ws := wsDERPClient(t, ts, 0)
+	b := newClient(t, ts.addr, clientOpts{})
+	ws.writeRaw(true, wsPing, []byte("wsping"))
+	a.barrier()               // the Pong has been written by the time the Pong to the DERP ping arrives
+	<-time.After(5 * control) // the Pong's deadline is long past
+	for i := range 3 {
+		p := []byte{byte(i)}
+		b.send(a.pub, p)
+		if src, got := a.recvPacket(); src != b.pub || !bytes.Equal(got, p) {
+			t.Fatalf("packet %d after the Pong: %x", i, got)
+		}
+	}
+}
+
 func TestWebSocketTextMessageCloses(t *testing.T) {
 	ts := newTestServer(t, Options{})
 	a, ws := wsDERPClient(t, ts, 0)
