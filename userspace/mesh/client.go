@@ -127,10 +127,15 @@ func dialMesh(ctx context.Context, t *target, addr string, tlsConf *tls.Config, 
 	if _, err := derp.OpenServerInfo(priv, serverKey, p); err != nil {
 		return nil, err
 	}
-	nc.SetDeadline(time.Time{})
-	if ctx.Err() != nil {
+	// Unhook the cancellation first: if stop keeps it from running,
+	// clearing the deadline is final; if it has run, the context ended.
+	// (Checking ctx.Err after clearing left a window in which a
+	// cancellation could still set the 1970 deadline on the connection
+	// being returned.)
+	if !stop() {
 		return nil, ctx.Err()
 	}
+	nc.SetDeadline(time.Time{})
 	ok = true
 	return &clientConn{nc: nc, br: br, fr: fr, serverKey: serverKey}, nil
 }
