@@ -55,7 +55,7 @@ interop:
 # SOAK (bursts, single packets, quiet spells past the 60 s keepalive).
 SOAK ?= 5m
 soak:
-	cd interop && XDERP_SOAK=$(SOAK) $(GO) test -count=1 -timeout 0 -run '^TestSoak$$' -v .
+	cd interop && XDERP_SOAK=$(SOAK) $(GO) test -count=1 -timeout 0 -parallel 3 -run '^TestSoak$$' -v .
 
 # The kernel-facing tests on every kernel of vmtest/kernels.json (KERNEL=name
 # for one), the README's result table refreshed; then the runner's own QEMU

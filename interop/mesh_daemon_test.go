@@ -24,34 +24,7 @@ func TestDaemonMeshThreeNodes(t *testing.T) {
 	if kind != target.Xderpd {
 		t.Skip("drives xderpd's -mesh-with flags")
 	}
-	dir := t.TempDir()
-	psk := filepath.Join(dir, "mesh.key")
-	if err := os.WriteFile(psk, []byte(strings.Repeat("5a", 32)+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	// Pick the three ports first so every node can name all of them.
-	var ports [3]int
-	var urls []string
-	for i := range ports {
-		p, _, err := target.FreePort("127.0.0.1")
-		if err != nil {
-			t.Fatal(err)
-		}
-		ports[i] = p
-		urls = append(urls, "http://"+net.JoinHostPort("127.0.0.1", strconv.Itoa(p))+"/derp")
-	}
-	var nodes [3]*target.Server
-	for i := range nodes {
-		sdir := filepath.Join(dir, strconv.Itoa(i))
-		os.MkdirAll(sdir, 0o700)
-		s, err := target.Start(kind, binPath, target.Options{Dir: sdir, Port: ports[i],
-			ExtraArgs: []string{"-mesh-psk-file", psk, "-mesh-with", strings.Join(urls, ",")}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { s.Stop(5 * time.Second) })
-		nodes[i] = s
-	}
+	nodes := startMeshedDaemons(t, 3)
 	client := func(i int) *regionClient {
 		return dialRegion(t, &regionNode{name: "node" + strconv.Itoa(i), addr: nodes[i].HostPort()}, key.NewNode())
 	}
@@ -75,4 +48,39 @@ func TestDaemonMeshThreeNodes(t *testing.T) {
 	}()
 	waitGone(t, a, c.pub, 15*time.Second)
 	exchange(t, a, b, 100)
+}
+
+// startMeshedDaemons runs n xderpd processes on loopback that mesh with each
+// other (one pre-shared key, every node named in -mesh-with).
+func startMeshedDaemons(t *testing.T, n int) []*target.Server {
+	t.Helper()
+	dir := t.TempDir()
+	psk := filepath.Join(dir, "mesh.key")
+	if err := os.WriteFile(psk, []byte(strings.Repeat("5a", 32)+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// Pick the ports first so every node can name all of them.
+	ports := make([]int, n)
+	var urls []string
+	for i := range ports {
+		p, _, err := target.FreePort("127.0.0.1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ports[i] = p
+		urls = append(urls, "http://"+net.JoinHostPort("127.0.0.1", strconv.Itoa(p))+"/derp")
+	}
+	nodes := make([]*target.Server, n)
+	for i := range nodes {
+		sdir := filepath.Join(dir, strconv.Itoa(i))
+		os.MkdirAll(sdir, 0o700)
+		s, err := target.Start(kind, binPath, target.Options{Dir: sdir, Port: ports[i],
+			ExtraArgs: []string{"-mesh-psk-file", psk, "-mesh-with", strings.Join(urls, ",")}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Stop(5 * time.Second) })
+		nodes[i] = s
+	}
+	return nodes
 }

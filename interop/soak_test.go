@@ -21,8 +21,9 @@ import (
 // timer). Every packet must arrive exactly once and in order per sender, and
 // no connection may break. It runs only when XDERP_SOAK names a duration
 // (`make soak` sets 5m); the suite's other tests cover each mechanism in
-// seconds. Plain HTTP (the shared server) and TLS (a daemon with a pinned
-// self-signed certificate) run side by side.
+// seconds. Plain HTTP (the shared server), TLS (a daemon with a pinned
+// self-signed certificate) and a two-node mesh (clients split between the
+// nodes) run side by side.
 func TestSoak(t *testing.T) {
 	v := os.Getenv("XDERP_SOAK")
 	if v == "" {
@@ -53,6 +54,18 @@ func TestSoak(t *testing.T) {
 				t.Fatal(err)
 			}
 			peers[i] = startPeer(t, c, priv)
+		}
+		soak(t, peers, dur)
+	})
+	t.Run("mesh", func(t *testing.T) {
+		if kind != target.Xderpd {
+			t.Skip("drives xderpd's -mesh-with flags")
+		}
+		t.Parallel()
+		nodes := startMeshedDaemons(t, 2)
+		peers := make([]*peer, soakPeers)
+		for i := range peers {
+			peers[i] = newPeer(t, nodes[i%2]) // most pairs cross the mesh
 		}
 		soak(t, peers, dur)
 	})
@@ -212,7 +225,7 @@ func soak(t *testing.T, peers []*peer, dur time.Duration) {
 			total += sent[f][to]
 		}
 	}
-	t.Logf("%v soak: %d packets among %d Tailscale clients", dur, total, n)
+	t.Logf("%v soak (%s): %d packets among %d Tailscale clients", dur, t.Name(), total, n)
 	for _, f := range failures {
 		t.Error(f)
 	}
