@@ -2,6 +2,7 @@
 #   make run    - build and run a relay on loopback (plain HTTP 127.0.0.1:3340, STUN 127.0.0.1:3478)
 #   make test   - install what the tests need, then run the whole test suite
 #   make bench  - print the benchmark tables (relay vs Tailscale's derper, XDP vs userspace STUN)
+#   make soak   - Tailscale clients against the real daemon for SOAK (5m): HTTP, TLS, mesh
 
 SHELL       := /bin/bash
 GO          ?= go
