@@ -354,12 +354,7 @@ func TestBouncePacketTable(t *testing.T) {
 	}
 	bounce := func(in []byte) (uint32, []byte) {
 		t.Helper()
-		opts := &ebpf.RunOptions{Data: in, DataOut: make([]byte, len(in)+256)}
-		ret, err := b.objs.BounceXdp.Run(opts)
-		if err != nil {
-			t.Fatalf("run %x: %v", in, err)
-		}
-		return ret, opts.DataOut
+		return runProg(t, b.objs.BounceXdp, in)
 	}
 	badTx := respond(frames[0])
 	badTx[14+20+8+19] ^= 1

@@ -47,8 +47,15 @@ func loadTest(t testing.TB, cfg Config) *XDP {
 // run runs frame through the program and returns action and output frame.
 func run(t testing.TB, x *XDP, frame []byte) (uint32, []byte) {
 	t.Helper()
+	return runProg(t, x.objs.XderpXdp, frame)
+}
+
+// runProg runs frame through any XDP program with BPF_PROG_TEST_RUN and
+// returns action and output frame (room for the frame to grow by 256 bytes).
+func runProg(t testing.TB, prog *ebpf.Program, frame []byte) (uint32, []byte) {
+	t.Helper()
 	opts := &ebpf.RunOptions{Data: frame, DataOut: make([]byte, len(frame)+256)}
-	ret, err := x.objs.XderpXdp.Run(opts)
+	ret, err := prog.Run(opts)
 	if err != nil {
 		t.Fatalf("run %x: %v", frame, err)
 	}
