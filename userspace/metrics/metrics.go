@@ -51,13 +51,59 @@ const (
 	KindCounter Kind = "counter"
 	KindGauge   Kind = "gauge"
 	KindUntyped Kind = "untyped"
+	// KindHistogram families are written as Prometheus histograms:
+	// cumulative name_bucket{le} lines, then name_sum and name_count.
+	KindHistogram Kind = "histogram"
 )
 
 // Sample is one line of a family: label values (in the family's label order)
-// and a value.
+// and a value. Suffix is appended to the family's name (a histogram's
+// "_bucket", "_sum" and "_count" lines); a sample with fewer label values
+// than the family has labels is written with only those.
 type Sample struct {
+	Suffix string
 	Labels []string
 	Value  float64
+}
+
+// Histogram counts integer observations (frames per write, say) in fixed
+// buckets. Observe costs two atomic adds; the buckets are made cumulative
+// only when scraped.
+type Histogram struct {
+	bounds []uint64
+	counts []atomic.Uint64 // counts[i]: observations in (bounds[i-1], bounds[i]]; the last is above every bound
+	sum    atomic.Uint64
+}
+
+// Observe records one observation of v.
+func (h *Histogram) Observe(v uint64) { h.ObserveN(v, 1) }
+
+// ObserveN records n observations of v.
+func (h *Histogram) ObserveN(v, n uint64) {
+	i := 0
+	for i < len(h.bounds) && v > h.bounds[i] {
+		i++
+	}
+	h.counts[i].Add(n)
+	h.sum.Add(v * n)
+}
+
+func (h *Histogram) samples() []Sample {
+	out := make([]Sample, 0, len(h.bounds)+3)
+	var cum uint64
+	for i := range h.counts {
+		cum += h.counts[i].Load()
+		le := "+Inf"
+		if i < len(h.bounds) {
+			le = strconv.FormatUint(h.bounds[i], 10)
+		}
+		out = append(out, Sample{Suffix: "_bucket", Labels: []string{le}, Value: float64(cum)})
+	}
+	// The sum is read after the buckets, so a concurrent Observe can make
+	// it run ahead of them by a little; the count is the +Inf bucket.
+	return append(out,
+		Sample{Suffix: "_sum", Value: float64(h.sum.Load())},
+		Sample{Suffix: "_count", Value: float64(cum)})
 }
 
 // Vec is a labelled family of counters or gauges created on first use of a
@@ -179,6 +225,19 @@ func (r *Registry) GaugeVec(name, help string, labels ...string) *GaugeVec {
 	return v
 }
 
+// Histogram registers and returns a histogram with the given upper bucket
+// bounds (ascending; +Inf is added).
+func (r *Registry) Histogram(name, help string, bounds ...uint64) *Histogram {
+	for i := 1; i < len(bounds); i++ {
+		if bounds[i] <= bounds[i-1] {
+			panic("metrics: histogram " + name + ": bounds not ascending")
+		}
+	}
+	h := &Histogram{bounds: append([]uint64(nil), bounds...), counts: make([]atomic.Uint64, len(bounds)+1)}
+	r.Register(name, help, KindHistogram, []string{"le"}, h.samples)
+	return h
+}
+
 // CounterFunc registers a counter whose value is read by f at scrape time.
 func (r *Registry) CounterFunc(name, help string, f func() float64) {
 	r.Register(name, help, KindCounter, nil, func() []Sample { return []Sample{{Value: f()}} })
@@ -201,23 +260,22 @@ func (r *Registry) WriteText(w io.Writer) error {
 		if len(samples) == 0 && len(f.labels) > 0 {
 			continue // a labelled family with no children yet has nothing to say
 		}
-		sort.Slice(samples, func(i, j int) bool { return lessLabels(samples[i].Labels, samples[j].Labels) })
+		if f.kind != KindHistogram { // a histogram's lines are already in order
+			sort.Slice(samples, func(i, j int) bool { return lessLabels(samples[i].Labels, samples[j].Labels) })
+		}
 		fmt.Fprintf(bw, "# HELP %s %s\n# TYPE %s %s\n", f.name, escapeHelp(f.help), f.name, f.kind)
 		for _, s := range samples {
 			bw.WriteString(f.name)
-			if len(f.labels) > 0 {
+			bw.WriteString(s.Suffix)
+			if n := min(len(f.labels), len(s.Labels)); n > 0 {
 				bw.WriteByte('{')
-				for i, l := range f.labels {
+				for i, l := range f.labels[:n] {
 					if i > 0 {
 						bw.WriteByte(',')
 					}
-					v := ""
-					if i < len(s.Labels) {
-						v = s.Labels[i]
-					}
 					bw.WriteString(l)
 					bw.WriteString(`="`)
-					bw.WriteString(escapeLabel(v))
+					bw.WriteString(escapeLabel(s.Labels[i]))
 					bw.WriteByte('"')
 				}
 				bw.WriteByte('}')

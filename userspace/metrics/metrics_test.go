@@ -69,3 +69,38 @@ func TestRegisterRejectsBadNames(t *testing.T) {
 	}()
 	r.Counter("dup", "")
 }
+
+func TestHistogram(t *testing.T) {
+	r := NewRegistry()
+	h := r.Histogram("derp_buffered_write_frames", "Frames per flush.", 1, 2, 5)
+	for _, v := range []uint64{2, 3, 5, 6, 40} {
+		h.Observe(v)
+	}
+	h.ObserveN(1, 2)
+	var sb strings.Builder
+	if err := r.WriteText(&sb); err != nil {
+		t.Fatal(err)
+	}
+	// Cumulative buckets in ascending order, +Inf last, then sum and count.
+	want := `# HELP derp_buffered_write_frames Frames per flush.
+# TYPE derp_buffered_write_frames histogram
+derp_buffered_write_frames_bucket{le="1"} 2
+derp_buffered_write_frames_bucket{le="2"} 3
+derp_buffered_write_frames_bucket{le="5"} 5
+derp_buffered_write_frames_bucket{le="+Inf"} 7
+derp_buffered_write_frames_sum 58
+derp_buffered_write_frames_count 7
+`
+	if sb.String() != want {
+		t.Fatalf("got:\n%s\nwant:\n%s", sb.String(), want)
+	}
+}
+
+func TestHistogramRejectsUnorderedBounds(t *testing.T) {
+	defer func() {
+		if recover() == nil {
+			t.Fatal("bounds 2, 1 accepted")
+		}
+	}()
+	NewRegistry().Histogram("x", "", 2, 1)
+}
