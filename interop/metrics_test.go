@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -53,6 +54,14 @@ func value(m *dto.Metric) float64 {
 	return 0
 }
 
+// sameSet reports whether a and b hold the same strings, in any order.
+func sameSet(a, b []string) bool {
+	a, b = slices.Clone(a), slices.Clone(b)
+	slices.Sort(a)
+	slices.Sort(b)
+	return slices.Equal(a, b)
+}
+
 func labels(m *dto.Metric) map[string]string {
 	out := map[string]string{}
 	for _, l := range m.Label {
@@ -81,6 +90,7 @@ var derperNames = map[string]dto.MetricType{
 	"derp_peer_gone_disconnected_frames": dto.MetricType_COUNTER,
 	"derp_peer_gone_not_here_frames":     dto.MetricType_COUNTER,
 	"stun_requests":                      dto.MetricType_COUNTER,
+	"derp_buffered_write_frames":         dto.MetricType_HISTOGRAM,
 }
 
 func TestMetrics(t *testing.T) {
@@ -128,6 +138,25 @@ func TestMetrics(t *testing.T) {
 				for _, r := range []string{"unknown_dest", "queue_head", "gone_disconnected"} {
 					if !reasons[r] {
 						t.Errorf("derp_packets_dropped has no reason=%q (derper's reasons must all be present from the start)", r)
+					}
+				}
+			}
+			// derper's derp_tcp_rtt appears with its first sample (after
+			// 10 s); xderpd has every bucket from the start.
+			if f := fams["derp_tcp_rtt"]; kind != "reference" || f != nil {
+				want := []string{"10ms", "20ms", "50ms", "100ms", "150ms", "250ms", "500ms", "inf", "non-tcp", "error"}
+				switch {
+				case f == nil:
+					t.Errorf("missing derper metric derp_tcp_rtt")
+				case f.GetType() != dto.MetricType_COUNTER:
+					t.Errorf("derp_tcp_rtt: type %v, want counter", f.GetType())
+				case kind != "reference":
+					var got []string
+					for _, m := range f.Metric {
+						got = append(got, labels(m)["le"])
+					}
+					if !sameSet(got, want) {
+						t.Errorf("derp_tcp_rtt buckets %v, want %v", got, want)
 					}
 				}
 			}

@@ -138,7 +138,8 @@ type sclient struct {
 	pending    *packet
 	pendingOff int
 
-	rc syscall.RawConn // raw socket for inline writes; nil if not a plain socket
+	rc  syscall.RawConn // raw socket for inline writes; nil if not a plain socket
+	tcp syscall.RawConn // TCP socket under the connection, for RTT samples; nil if none
 }
 
 // noDeadline is sclient.deadlineSet while no write deadline is armed: far
@@ -924,6 +925,7 @@ func (c *sclient) writeBatch(bufp *[]byte, b *writeBatch) (pkts, bytes uint64, e
 		_, err := c.conn.Write(buf)
 		m.writeFlushes.Inc()
 		m.writeFrames.Add(frames)
+		m.bufferedWriteFrames.Observe(frames)
 		frames = 0
 		buf = buf[:0]
 		if err != nil {

@@ -129,6 +129,7 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, br *bufio.Reader, f
 		return
 	}
 	s.clients[c] = struct{}{}
+	s.noteRTTSocketLocked(c)
 	s.wg.Add(1)
 	s.connsMu.Unlock()
 	// Register before sending ServerInfo, so the client is reachable by the

@@ -110,6 +110,10 @@ type serverMetrics struct {
 	privilegedRejected    *metrics.Counter
 	keepAlives            *metrics.Counter
 	controlQueueOverflows *metrics.Counter
+	bufferedWriteFrames   *metrics.Histogram
+	rtt                   [len(rttBuckets) + 1]*metrics.Counter // by rttBucket
+	rttNonTCP             *metrics.Counter
+	rttErrors             *metrics.Counter
 }
 
 func (s *Server) registerMetrics(r *metrics.Registry) {
@@ -171,6 +175,15 @@ func (s *Server) registerMetrics(r *metrics.Registry) {
 			m.bytesDropped[i][k] = bd.With(dropReasonNames[i], kindNames[k])
 		}
 	}
+	m.bufferedWriteFrames = r.Histogram("derp_buffered_write_frames", "Frames per write to client connections (a writer goroutine's batched write, or a packet written inline, one frame)",
+		0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 20, 25, 50, 100)
+	rtt := r.CounterVec("derp_tcp_rtt", "TCP round-trip time samples of established connections (every 10 s by default), by upper bound (non-cumulative); non-tcp: connections without a TCP socket (once each); error: failed reads", "le")
+	for i, b := range rttBuckets {
+		m.rtt[i] = rtt.With(b.label)
+	}
+	m.rtt[len(rttBuckets)] = rtt.With("inf")
+	m.rttNonTCP = rtt.With("non-tcp")
+	m.rttErrors = rtt.With("error")
 	r.Register("derp_average_queue_duration_ms", "Moving average (alpha 0.1) of the time a packet waits in a send queue, sampled once per write batch, ms", metrics.KindUntyped, nil, func() []metrics.Sample {
 		return []metrics.Sample{{Value: m.avgQueueMillis.load()}}
 	})
@@ -265,6 +278,7 @@ func (ls *localStats) flush(m *serverMetrics) {
 		m.packetsSent.Add(ls.sentPackets)
 		m.bytesSent.Add(ls.sentBytes)
 		m.inlineWrites.Add(ls.sentPackets)
+		m.bufferedWriteFrames.ObserveN(1, ls.sentPackets)
 	}
 	if ls.forwardedOut != 0 {
 		m.forwardedOut.Add(ls.forwardedOut)

@@ -25,6 +25,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/xderp/xderp/userspace/derp"
@@ -106,6 +107,10 @@ type Options struct {
 	// by Close (defaults 0 and 5s).
 	RestartReconnectIn time.Duration
 	RestartTryFor      time.Duration
+	// RTTSampleInterval is how often every connection's TCP round-trip
+	// time is sampled into derp_tcp_rtt; default 10s (derper's);
+	// negative disables sampling.
+	RTTSampleInterval time.Duration
 }
 
 // PacketForwarder hands packets for a key to another server of the region
@@ -167,6 +172,8 @@ type Server struct {
 	connsMu     sync.Mutex
 	handshaking map[net.Conn]struct{}
 	clients     map[*sclient]struct{}
+	rttTimer    *time.Timer       // RTT sampling (rtt.go); nil until the first connection
+	rttSocks    []syscall.RawConn // reused by sampleRTT
 }
 
 // keyEntry is the registry record of one node key: its local connections
@@ -248,6 +255,9 @@ func New(opts Options) (*Server, error) {
 	if o.RestartTryFor <= 0 {
 		o.RestartTryFor = DefaultRestartTryFor
 	}
+	if o.RTTSampleInterval == 0 {
+		o.RTTSampleInterval = DefaultRTTSampleInterval
+	}
 	if s.log == nil {
 		s.log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
@@ -292,6 +302,9 @@ func (s *Server) Close() error {
 		clients := make([]*sclient, 0, len(s.clients))
 		for c := range s.clients {
 			clients = append(clients, c)
+		}
+		if s.rttTimer != nil {
+			s.rttTimer.Stop()
 		}
 		s.connsMu.Unlock()
 		for _, nc := range hs {

@@ -682,6 +682,17 @@ func TestInlineWritesKeepOrder(t *testing.T) {
 	if ts.metric("xderp_writer_starts_total") == 0 {
 		t.Fatal("the socket never filled: test did not exercise the hand-over")
 	}
+	// Every writer flush is one observation of its frame count, every
+	// inline write one of a single frame.
+	flushes, frames := ts.metric("xderp_write_flushes_total"), ts.metric("xderp_write_frames_total")
+	inline := ts.metric("xderp_inline_writes_total")
+	if flushes == 0 || ts.metric("derp_buffered_write_frames_count") != flushes+inline ||
+		ts.metric("derp_buffered_write_frames_sum") != frames+inline ||
+		ts.metric(`derp_buffered_write_frames_bucket{le="+Inf"}`) != flushes+inline ||
+		ts.metric(`derp_buffered_write_frames_bucket{le="0"}`) != 0 {
+		t.Fatalf("derp_buffered_write_frames count %v sum %v, want %v flushes of %v frames and %v inline writes",
+			ts.metric("derp_buffered_write_frames_count"), ts.metric("derp_buffered_write_frames_sum"), flushes, frames, inline)
+	}
 }
 
 // TestOverTLS runs two clients over TLS (the production transport), which
