@@ -80,6 +80,12 @@ type Config struct {
 	// MeshPSKFile and MeshWith configure region meshing (-mesh-psk-file, -mesh-with).
 	MeshPSKFile string
 	MeshWith    []string
+	// VerifyClientURL is the admission webhook asked about every client
+	// (-verify-client-url); empty admits everyone.
+	VerifyClientURL string
+	// VerifyClientURLFailOpen admits clients while the webhook cannot be
+	// reached (-verify-client-url-fail-open, default true).
+	VerifyClientURLFailOpen bool
 	// AcceptLimit is the accepted connections per second allowed (-accept-connection-limit, +Inf = no limit).
 	AcceptLimit float64
 	// AcceptBurst is the burst for AcceptLimit (-accept-connection-burst).
@@ -177,6 +183,8 @@ func NewFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 		c.MeshWith = splitList(s)
 		return nil
 	})
+	fs.StringVar(&c.VerifyClientURL, "verify-client-url", "", "admission webhook URL: each client's key and IP are POSTed as derper does, and only a 200 answer of {\"Allow\":true} admits it")
+	fs.BoolVar(&c.VerifyClientURLFailOpen, "verify-client-url-fail-open", true, "admit clients while the admission webhook cannot be reached (a reachable webhook's refusal always refuses)")
 	fs.Float64Var(&c.AcceptLimit, "accept-connection-limit", math.Inf(1), "accepted connections per second allowed (+Inf: no limit)")
 	fs.IntVar(&c.AcceptBurst, "accept-connection-burst", math.MaxInt, "burst for -accept-connection-limit")
 	fs.DurationVar(&c.TCPKeepAlive, "tcp-keepalive-time", 10*time.Minute, "TCP keepalive idle time")
@@ -315,6 +323,12 @@ func (c *Config) Validate() error {
 	default:
 		return fieldErr("home", "%q is not empty, 'blank' or an http(s) URL", c.Home)
 	}
+	if c.VerifyClientURL != "" {
+		u, err := url.Parse(c.VerifyClientURL)
+		if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+			return fieldErr("verify-client-url", "%q is not an http(s) URL", c.VerifyClientURL)
+		}
+	}
 	if len(c.MeshWith) > 0 && c.MeshPSKFile == "" {
 		return fieldErr("mesh-with", "needs a mesh key (-mesh-psk-file)")
 	}
@@ -422,8 +436,6 @@ func ReadMeshKey(path string) (string, error) {
 // so a derper command line that relies on one fails with a clear message.
 var derperOnly = map[string]string{
 	"verify-clients":                  "client verification through a local tailscaled is not supported",
-	"verify-client-url":               "the admission webhook is not supported yet",
-	"verify-client-url-fail-open":     "the admission webhook is not supported yet",
 	"socket":                          "there is no tailscaled integration",
 	"secrets-url":                     "use -mesh-psk-file for the mesh key",
 	"secrets-path-prefix":             "use -mesh-psk-file for the mesh key",

@@ -83,10 +83,29 @@ func TestBadFlagsNameTheField(t *testing.T) {
 		{[]string{"-a", ":1", "-acme-directory", "not a url"}, "acme-directory"},
 		{[]string{"-a", ":1", "-shape-stun-burst", "5"}, "shape-stun-burst"},
 		{[]string{"-a", ":1", "-tcp-write-timeout", "-1s"}, "tcp-write-timeout"},
+		{[]string{"-a", ":1", "-verify-client-url", "ftp://admit.example/"}, "verify-client-url"},
+		{[]string{"-a", ":1", "-verify-client-url", "/admit"}, "verify-client-url"},
 	}
 	for _, tc := range cases {
 		_, err := Parse(tc.args, io.Discard)
 		assertField(t, err, tc.flag)
+	}
+}
+
+func TestVerifyClientURL(t *testing.T) {
+	c, err := Parse([]string{"-a", ":1"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.VerifyClientURL != "" || !c.VerifyClientURLFailOpen {
+		t.Errorf("defaults: url %q, fail-open %v; want none, true (derper's)", c.VerifyClientURL, c.VerifyClientURLFailOpen)
+	}
+	c, err = Parse([]string{"-a", ":1", "-verify-client-url", "https://admit.example/derp", "-verify-client-url-fail-open=false"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.VerifyClientURL != "https://admit.example/derp" || c.VerifyClientURLFailOpen {
+		t.Errorf("url %q, fail-open %v", c.VerifyClientURL, c.VerifyClientURLFailOpen)
 	}
 }
 

@@ -113,12 +113,17 @@ func New(cfg *config.Config, opts Options) (*Daemon, error) {
 		if writeTimeout == 0 {
 			writeTimeout = -1 // -tcp-write-timeout=0 disables the deadline
 		}
+		var admit derpserver.AdmitFunc
+		if cfg.VerifyClientURL != "" {
+			admit = newAdmission(cfg.VerifyClientURL, cfg.VerifyClientURLFailOpen, d.log.With("component", "admission"), d.reg).admit
+		}
 		d.derp, err = derpserver.New(derpserver.Options{
 			PrivateKey:   key,
 			Logger:       d.log.With("component", "derp"),
 			Metrics:      d.reg,
 			WriteTimeout: writeTimeout,
 			MeshKey:      meshKey,
+			Admit:        admit,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("derp server: %w", err)
