@@ -775,7 +775,7 @@ func (c *sclient) writeLoop() {
 			c.conn.SetWriteDeadline(now.Add(wt))
 			c.deadlineSet = monoAt(now)
 		}
-		if _, err := c.conn.Write(frame); err != nil {
+		if _, err := c.write(frame); err != nil {
 			s.m.recordDrop(dropWriteError, p.data)
 			failed = err
 			if errors.Is(err, os.ErrDeadlineExceeded) {
@@ -892,6 +892,16 @@ func (c *sclient) writeLoop() {
 
 var crWriteErrorStr = crWriteError
 
+// write writes all of b, waiting for socket space under the write
+// deadline: on a plain socket without the scheduler's system-call
+// bookkeeping (rawWriteAll), otherwise through the connection.
+func (c *sclient) write(b []byte) (int, error) {
+	if c.rc != nil {
+		return rawWriteAll(c.rc, b)
+	}
+	return c.conn.Write(b)
+}
+
 func closeWrite(nc net.Conn) {
 	if cw, ok := nc.(interface{ CloseWrite() error }); ok {
 		if cw.CloseWrite() == nil {
@@ -922,7 +932,7 @@ func (c *sclient) writeBatch(bufp *[]byte, b *writeBatch) (pkts, bytes uint64, e
 				c.deadlineSet = monoAt(now)
 			}
 		}
-		_, err := c.conn.Write(buf)
+		_, err := c.write(buf)
 		m.writeFlushes.Inc()
 		m.writeFrames.Add(frames)
 		m.bufferedWriteFrames.Observe(frames)

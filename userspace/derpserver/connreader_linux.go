@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"syscall"
+	"unsafe"
 )
 
 // rawConnOf returns the raw descriptor access of plain TCP and Unix
@@ -39,12 +40,7 @@ func (cr *connReader) rawFill() error {
 		if cr.buf == nil {
 			cr.acquire()
 		}
-		for {
-			n, rerr = syscall.Read(int(fd), cr.buf[cr.w:])
-			if rerr != syscall.EINTR {
-				break
-			}
-		}
+		n, rerr = nbRead(fd, cr.buf[cr.w:])
 		if rerr == syscall.EAGAIN {
 			if cr.r == cr.w {
 				cr.release()
@@ -93,12 +89,7 @@ func rawReadInto(rc syscall.RawConn, p []byte) (int, error) {
 	var n int
 	var rerr error
 	err := rc.Read(func(fd uintptr) bool {
-		for {
-			n, rerr = syscall.Read(int(fd), p)
-			if rerr != syscall.EINTR {
-				break
-			}
-		}
+		n, rerr = nbRead(fd, p)
 		return rerr != syscall.EAGAIN
 	})
 	if err != nil {
@@ -119,12 +110,7 @@ func rawWriteNow(rc syscall.RawConn, b []byte) (int, error) {
 	var n int
 	var werr error
 	err := rc.Write(func(fd uintptr) bool {
-		for {
-			n, werr = syscall.Write(int(fd), b)
-			if werr != syscall.EINTR {
-				break
-			}
-		}
+		n, werr = nbWrite(fd, b)
 		return true // never wait: the caller queues what is left
 	})
 	if n < 0 {
@@ -134,4 +120,70 @@ func rawWriteNow(rc syscall.RawConn, b []byte) (int, error) {
 		return n, err
 	}
 	return n, werr
+}
+
+// rawWriteAll writes all of b, parking in the netpoller while the socket
+// buffer is full; the connection's write deadline applies.
+func rawWriteAll(rc syscall.RawConn, b []byte) (int, error) {
+	var n int
+	var werr error
+	err := rc.Write(func(fd uintptr) bool {
+		for n < len(b) {
+			k, e := nbWrite(fd, b[n:])
+			if e == syscall.EAGAIN {
+				return false // wait until writable
+			}
+			if e != nil {
+				werr = os.NewSyscallError("write", e)
+				return true
+			}
+			n += k
+		}
+		return true
+	})
+	if err != nil {
+		return n, err
+	}
+	return n, werr
+}
+
+// nbRead and nbWrite are read(2) and write(2) on a non-blocking socket,
+// made without the scheduler's system-call bookkeeping (RawSyscall): they
+// never sleep, so there is nothing to hand the P over for. Going through
+// entersyscall instead wakes sysmon from its idle sleep on every call of a
+// relay that goes idle between packets, and sysmon, finding the P still in
+// a system call that takes a loopback delivery's few microseconds, hands the
+// P to another thread: on a lightly loaded relay those wake-ups cost more
+// CPU than the relaying itself. EINTR is retried; a nil error means success.
+func nbRead(fd uintptr, p []byte) (int, error) {
+	for {
+		r, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(bufPtr(p)), uintptr(len(p)))
+		switch e {
+		case 0:
+			return int(r), nil
+		case syscall.EINTR:
+			continue
+		}
+		return 0, e
+	}
+}
+
+func nbWrite(fd uintptr, p []byte) (int, error) {
+	for {
+		r, _, e := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(bufPtr(p)), uintptr(len(p)))
+		switch e {
+		case 0:
+			return int(r), nil
+		case syscall.EINTR:
+			continue
+		}
+		return 0, e
+	}
+}
+
+func bufPtr(p []byte) unsafe.Pointer {
+	if len(p) == 0 {
+		return nil
+	}
+	return unsafe.Pointer(&p[0])
 }

@@ -17,4 +17,6 @@ func rawReadInto(syscall.RawConn, []byte) (int, error) { return 0, errors.ErrUns
 
 func rawWriteNow(syscall.RawConn, []byte) (int, error) { return 0, errors.ErrUnsupported }
 
+func rawWriteAll(syscall.RawConn, []byte) (int, error) { return 0, errors.ErrUnsupported }
+
 func waitReadable(syscall.RawConn, func()) error { return errors.ErrUnsupported }
