@@ -19,7 +19,14 @@ import (
 // Prometheus text parser.
 func fetchMetrics(t *testing.T, path string) map[string]*dto.MetricFamily {
 	t.Helper()
-	resp, err := http.Get(srv.HTTPURL() + path)
+	return fetchMetricsURL(t, http.DefaultClient, srv.HTTPURL()+path)
+}
+
+// fetchMetricsURL GETs url with c and parses the page with the Prometheus
+// text parser.
+func fetchMetricsURL(t *testing.T, c *http.Client, url string) map[string]*dto.MetricFamily {
+	t.Helper()
+	resp, err := c.Get(url)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -29,15 +36,15 @@ func fetchMetrics(t *testing.T, path string) map[string]*dto.MetricFamily {
 		t.Fatal(err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("GET %s: %s: %s", path, resp.Status, body)
+		t.Fatalf("GET %s: %s: %s", url, resp.Status, body)
 	}
 	if ct := resp.Header.Get("Content-Type"); !strings.HasPrefix(ct, "text/plain") {
-		t.Errorf("GET %s: Content-Type %q, want text/plain", path, ct)
+		t.Errorf("GET %s: Content-Type %q, want text/plain", url, ct)
 	}
 	p := expfmt.NewTextParser(model.UTF8Validation)
 	fams, err := p.TextToMetricFamilies(strings.NewReader(string(body)))
 	if err != nil {
-		t.Fatalf("GET %s: Prometheus text parser: %v", path, err)
+		t.Fatalf("GET %s: Prometheus text parser: %v", url, err)
 	}
 	return fams
 }

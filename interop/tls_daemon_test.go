@@ -49,6 +49,30 @@ func TestDaemonTLSPinnedSelfSigned(t *testing.T) {
 	if _, err := certsExchange(b, bKey, a, "1.2 to 1.3"); err != nil {
 		t.Fatal(err)
 	}
+	// derper's TLS version metrics: both DERP connections are active, each
+	// under its version, and their upgrades were counted as requests. (The
+	// scrape itself is a TLS 1.3 request in progress.)
+	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	fams := fetchMetricsURL(t, hc, "https://"+net.JoinHostPort(node.IPv4, strconv.Itoa(node.DERPPort))+"/metrics")
+	for name, want := range map[string]map[string]float64{
+		"derper_tls_active_version":  {"1.2": 1, "1.3": 2},
+		"derper_tls_request_version": {"1.2": 1, "1.3": 2}, // 1.3: at least a's upgrade and this scrape
+	} {
+		f := fams[name]
+		if f == nil {
+			t.Errorf("missing derper metric %s", name)
+			continue
+		}
+		got := map[string]float64{}
+		for _, m := range f.Metric {
+			got[labels(m)["version"]] = value(m)
+		}
+		for v, min := range want {
+			if name == "derper_tls_active_version" && got[v] != min || got[v] < min {
+				t.Errorf("%s{version=%q} = %v, want %v", name, v, got[v], min)
+			}
+		}
+	}
 	// The certificate (and so the pin) survives a restart: the same node
 	// is printed again.
 	out2, err := exec.Command(binPath, append(args, "-print-derpmap")...).Output()

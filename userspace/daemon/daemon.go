@@ -203,8 +203,16 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 		d.ln = tls.NewListener(derpserver.TLSListener(d.ln), d.tlsConf)
 		scheme = "https"
 	}
+	var handler http.Handler = d.mux()
+	if scheme == "https" {
+		var derpConns func(uint16) int64
+		if d.derp != nil {
+			derpConns = d.derp.TLSConns
+		}
+		handler = newTLSVersionCounts(d.reg, derpConns).wrap(handler)
+	}
 	d.srv = &http.Server{
-		Handler:           d.mux(),
+		Handler:           handler,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       60 * time.Second,
 		ErrorLog:          slog.NewLogLogger(d.log.Handler(), slog.LevelDebug),

@@ -1,12 +1,15 @@
 package daemon
 
 import (
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"strconv"
+	"sync/atomic"
 
 	"github.com/xderp/xderp/userspace/certs"
 	"github.com/xderp/xderp/userspace/config"
@@ -83,4 +86,48 @@ func nodeAddrs(cfg *config.Config) []netip.Addr {
 		}
 	}
 	return out
+}
+
+// tlsVersionCounts are derper's derper_tls_request_version (HTTPS requests
+// by negotiated TLS version) and derper_tls_active_version (requests in
+// progress plus established DERP connections, which in derper stay inside
+// their request), so dashboards built for derper keep working.
+type tlsVersionCounts struct {
+	requests *metrics.CounterVec
+	inFlight [4]atomic.Int64 // by version-tls.VersionTLS10
+}
+
+func newTLSVersionCounts(reg *metrics.Registry, derpConns func(uint16) int64) *tlsVersionCounts {
+	t := &tlsVersionCounts{
+		requests: reg.CounterVec("derper_tls_request_version", "HTTPS requests by negotiated TLS version", "version"),
+	}
+	reg.Register("derper_tls_active_version", "HTTPS requests in progress plus established DERP connections over TLS, by TLS version", metrics.KindGauge, []string{"version"}, func() []metrics.Sample {
+		var out []metrics.Sample
+		for i := range t.inFlight {
+			v := uint16(tls.VersionTLS10 + i)
+			n := t.inFlight[i].Load()
+			if derpConns != nil {
+				n += derpConns(v)
+			}
+			if n != 0 || v >= tls.VersionTLS12 { // the versions served always appear
+				out = append(out, metrics.Sample{Labels: []string{certs.VersionLabel(v)}, Value: float64(n)})
+			}
+		}
+		return out
+	})
+	return t
+}
+
+// wrap counts every request that arrived over TLS.
+func (t *tlsVersionCounts) wrap(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.TLS != nil {
+			t.requests.With(certs.VersionLabel(r.TLS.Version)).Inc()
+			if i := int(r.TLS.Version) - tls.VersionTLS10; i >= 0 && i < len(t.inFlight) {
+				t.inFlight[i].Add(1)
+				defer t.inFlight[i].Add(-1)
+			}
+		}
+		h.ServeHTTP(w, r)
+	})
 }

@@ -140,6 +140,9 @@ type sclient struct {
 
 	rc  syscall.RawConn // raw socket for inline writes; nil if not a plain socket
 	tcp syscall.RawConn // TCP socket under the connection, for RTT samples; nil if none
+	// tlsSlot is the Server.tlsConns slot counting this connection by TLS
+	// version, or -1 if it is not over TLS.
+	tlsSlot int8
 }
 
 // noDeadline is sclient.deadlineSet while no write deadline is armed: far
@@ -497,6 +500,9 @@ func (c *sclient) teardown(err error) {
 	s.connsMu.Lock()
 	delete(s.clients, c)
 	s.connsMu.Unlock()
+	if c.tlsSlot >= 0 {
+		s.tlsConns[c.tlsSlot].Add(-1)
+	}
 }
 
 func (c *sclient) takePacketsLocked(dst []*packet) []*packet {

@@ -130,6 +130,7 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, br *bufio.Reader, f
 	}
 	s.clients[c] = struct{}{}
 	s.noteRTTSocketLocked(c)
+	s.noteTLSVersion(c)
 	s.wg.Add(1)
 	s.connsMu.Unlock()
 	// Register before sending ServerInfo, so the client is reachable by the
@@ -225,6 +226,7 @@ func (s *Server) handshake(ctx context.Context, nc net.Conn, br *bufio.Reader, f
 		// Until serveConn has written ServerInfo (see there).
 		writerRunning: true,
 		rc:            rawConnOf(nc),
+		tlsSlot:       -1,
 	}
 	c.flags = presentFlags(mesh, info.IsProber, notIdeal)
 	c.notHere.tokens = notHereBurst

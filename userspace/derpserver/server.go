@@ -14,6 +14,7 @@ package derpserver
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -174,6 +175,10 @@ type Server struct {
 	clients     map[*sclient]struct{}
 	rttTimer    *time.Timer       // RTT sampling (rtt.go); nil until the first connection
 	rttSocks    []syscall.RawConn // reused by sampleRTT
+
+	// tlsConns counts established connections over TLS by version, slot
+	// version-tls.VersionTLS10 (see TLSConns).
+	tlsConns [4]atomic.Int64
 }
 
 // keyEntry is the registry record of one node key: its local connections
@@ -626,4 +631,30 @@ func (s *Server) trackHandshake(nc net.Conn, add bool) bool {
 // keepAliveInterval returns the interval plus this connection's jitter.
 func (s *Server) keepAliveInterval() time.Duration {
 	return s.opts.KeepAlive + rand.N(s.opts.KeepAlive/12+1)
+}
+
+// TLSConns returns the number of established DERP connections over TLS
+// that negotiated version v (tls.VersionTLS12, say), WebSocket ones
+// included.
+func (s *Server) TLSConns(v uint16) int64 {
+	if i := int(v) - tls.VersionTLS10; i >= 0 && i < len(s.tlsConns) {
+		return s.tlsConns[i].Load()
+	}
+	return 0
+}
+
+// noteTLSVersion counts c under its TLS version, if it is over TLS.
+func (s *Server) noteTLSVersion(c *sclient) {
+	nc := c.conn
+	if ws, ok := nc.(*wsConn); ok {
+		nc = ws.Conn
+	}
+	tc, ok := nc.(*tls.Conn)
+	if !ok {
+		return
+	}
+	if i := int(tc.ConnectionState().Version) - tls.VersionTLS10; i >= 0 && i < len(s.tlsConns) {
+		c.tlsSlot = int8(i)
+		s.tlsConns[i].Add(1)
+	}
 }
