@@ -50,14 +50,8 @@ func (c *probeConn) Read(p []byte) (int, error) {
 	if c.probing {
 		return 0, errNoRecord
 	}
-	if len(p) == 0 {
-		return 0, nil
-	}
-	return rawReadInto(c.rc, p) // as a plain socket's reads (nbRead)
+	return c.Conn.Read(p)
 }
-
-// Write writes as a plain socket's writer does (rawWriteAll).
-func (c *probeConn) Write(p []byte) (int, error) { return rawWriteAll(c.rc, p) }
 
 var errNoRecord error = noRecordError{}
 
