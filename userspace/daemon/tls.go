@@ -93,13 +93,15 @@ func nodeAddrs(cfg *config.Config) []netip.Addr {
 // progress plus established DERP connections, which in derper stay inside
 // their request), so dashboards built for derper keep working.
 type tlsVersionCounts struct {
-	requests *metrics.CounterVec
-	inFlight [4]atomic.Int64 // by version-tls.VersionTLS10
+	requests [5]*metrics.Counter // by version-tls.VersionTLS10; the last: unknown
+	inFlight [4]atomic.Int64     // by version-tls.VersionTLS10
 }
 
 func newTLSVersionCounts(reg *metrics.Registry, derpConns func(uint16) int64) *tlsVersionCounts {
-	t := &tlsVersionCounts{
-		requests: reg.CounterVec("derper_tls_request_version", "HTTPS requests by negotiated TLS version", "version"),
+	t := &tlsVersionCounts{}
+	req := reg.CounterVec("derper_tls_request_version", "HTTPS requests by negotiated TLS version", "version")
+	for i := range t.requests {
+		t.requests[i] = req.With(certs.VersionLabel(uint16(tls.VersionTLS10 + i))) // past 1.3: "unknown"
 	}
 	reg.Register("derper_tls_active_version", "HTTPS requests in progress plus established DERP connections over TLS, by TLS version", metrics.KindGauge, []string{"version"}, func() []metrics.Sample {
 		var out []metrics.Sample
@@ -122,8 +124,11 @@ func newTLSVersionCounts(reg *metrics.Registry, derpConns func(uint16) int64) *t
 func (t *tlsVersionCounts) wrap(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.TLS != nil {
-			t.requests.With(certs.VersionLabel(r.TLS.Version)).Inc()
-			if i := int(r.TLS.Version) - tls.VersionTLS10; i >= 0 && i < len(t.inFlight) {
+			i := int(r.TLS.Version) - tls.VersionTLS10
+			if i < 0 || i >= len(t.inFlight) {
+				t.requests[len(t.requests)-1].Inc()
+			} else {
+				t.requests[i].Inc()
 				t.inFlight[i].Add(1)
 				defer t.inFlight[i].Add(-1)
 			}

@@ -47,7 +47,15 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	fastStart := r.Header.Get(derp.HeaderFastStart) == "1"
 	notIdeal := r.Header.Get(derp.HeaderIdealNode) != ""
-	s.serveConn(r.Context(), nc, brw.Reader, fastStart, notIdeal, r.RemoteAddr)
+	s.serveConn(r.Context(), nc, brw.Reader, fastStart, notIdeal, r.RemoteAddr, tlsVersionOf(r))
+}
+
+// tlsVersionOf returns the TLS version r arrived over, or 0.
+func tlsVersionOf(r *http.Request) uint16 {
+	if r.TLS == nil {
+		return 0
+	}
+	return r.TLS.Version
 }
 
 // hijack takes the connection over from net/http for an upgrade and counts
@@ -93,8 +101,9 @@ func hsErr(reason string, format string, args ...any) error {
 
 // serveConn runs the handshake on a hijacked connection and, on success,
 // hands it to a new reader goroutine. br holds bytes already read past the
-// HTTP request.
-func (s *Server) serveConn(ctx context.Context, nc net.Conn, br *bufio.Reader, fastStart, notIdeal bool, remoteAddr string) {
+// HTTP request; tlsVersion is the TLS version the request came over (0 if
+// none), from net/http's state of the connection.
+func (s *Server) serveConn(ctx context.Context, nc net.Conn, br *bufio.Reader, fastStart, notIdeal bool, remoteAddr string, tlsVersion uint16) {
 	if !s.trackHandshake(nc, true) {
 		s.m.handshakeErrors[hsClosed].Inc()
 		nc.Close()
@@ -130,7 +139,7 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, br *bufio.Reader, f
 	}
 	s.clients[c] = struct{}{}
 	s.noteRTTSocketLocked(c)
-	s.noteTLSVersion(c)
+	s.noteTLSVersion(c, tlsVersion)
 	s.wg.Add(1)
 	s.connsMu.Unlock()
 	// Register before sending ServerInfo, so the client is reachable by the

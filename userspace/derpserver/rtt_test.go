@@ -88,7 +88,7 @@ func TestTCPRTTSamples(t *testing.T) {
 	// A connection over a pipe has no TCP socket.
 	cs, ss := net.Pipe()
 	t.Cleanup(func() { cs.Close() })
-	go ts.s.serveConn(bg, ss, bufio.NewReader(ss), true, false, "192.0.2.1:1234")
+	go ts.s.serveConn(bg, ss, bufio.NewReader(ss), true, false, "192.0.2.1:1234", 0)
 	c := &testClient{t: t, conn: cs, br: bufio.NewReader(cs)}
 	c.fr = derp.NewFrameReader(c.br, 0)
 	c.priv, _ = derp.NewPrivateKey()

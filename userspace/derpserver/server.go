@@ -643,17 +643,9 @@ func (s *Server) TLSConns(v uint16) int64 {
 	return 0
 }
 
-// noteTLSVersion counts c under its TLS version, if it is over TLS.
-func (s *Server) noteTLSVersion(c *sclient) {
-	nc := c.conn
-	if ws, ok := nc.(*wsConn); ok {
-		nc = ws.Conn
-	}
-	tc, ok := nc.(*tls.Conn)
-	if !ok {
-		return
-	}
-	if i := int(tc.ConnectionState().Version) - tls.VersionTLS10; i >= 0 && i < len(s.tlsConns) {
+// noteTLSVersion counts c under TLS version v, if it is over TLS (v != 0).
+func (s *Server) noteTLSVersion(c *sclient, v uint16) {
+	if i := int(v) - tls.VersionTLS10; v != 0 && i >= 0 && i < len(s.tlsConns) {
 		c.tlsSlot = int8(i)
 		s.tlsConns[i].Add(1)
 	}

@@ -593,7 +593,7 @@ func TestOverPipe(t *testing.T) {
 	for range 2 {
 		cs, ss := net.Pipe()
 		t.Cleanup(func() { cs.Close() })
-		go s.serveConn(bg, ss, bufio.NewReader(ss), false, false, "192.0.2.1:1234")
+		go s.serveConn(bg, ss, bufio.NewReader(ss), false, false, "192.0.2.1:1234", 0)
 		c := &testClient{t: t, conn: cs, br: bufio.NewReader(cs)}
 		c.fr = derp.NewFrameReader(c.br, 0)
 		c.priv, _ = derp.NewPrivateKey()

@@ -95,7 +95,7 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 	// WebSocket stream; what it buffers past ClientInfo is handed on.
 	// fastStart=true: the 101 is already written; only the ServerKey frame
 	// goes into the stream.
-	s.serveConn(r.Context(), ws, bufio.NewReaderSize(ws, 512), true, notIdeal, r.RemoteAddr)
+	s.serveConn(r.Context(), ws, bufio.NewReaderSize(ws, 512), true, notIdeal, r.RemoteAddr, tlsVersionOf(r))
 }
 
 // wsConn is a net.Conn carrying a byte stream in WebSocket binary
