@@ -137,6 +137,10 @@ func rawWriteAll(rc syscall.RawConn, b []byte) (int, error) {
 				werr = os.NewSyscallError("write", e)
 				return true
 			}
+			if k == 0 { // not for a socket, but never loop on it
+				werr = io.ErrShortWrite
+				return true
+			}
 			n += k
 		}
 		return true
