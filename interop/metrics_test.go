@@ -98,6 +98,11 @@ var derperNames = map[string]dto.MetricType{
 	"derp_peer_gone_not_here_frames":     dto.MetricType_COUNTER,
 	"stun_requests":                      dto.MetricType_COUNTER,
 	"derp_buffered_write_frames":         dto.MetricType_HISTOGRAM,
+	// The standard process collector's, which derper exports too.
+	"process_cpu_seconds_total":     dto.MetricType_COUNTER,
+	"process_resident_memory_bytes": dto.MetricType_GAUGE,
+	"process_open_fds":              dto.MetricType_GAUGE,
+	"process_max_fds":               dto.MetricType_GAUGE,
 }
 
 func TestMetrics(t *testing.T) {
@@ -126,6 +131,16 @@ func TestMetrics(t *testing.T) {
 			if f := fams["derp_current_connections"]; f != nil {
 				if v := value(f.Metric[0]); v < 2 {
 					t.Errorf("derp_current_connections = %v with two clients connected", v)
+				}
+			}
+			// A process that has served traffic has used CPU and holds
+			// its listeners' and clients' descriptors.
+			if f := fams["process_cpu_seconds_total"]; f != nil && value(f.Metric[0]) <= 0 {
+				t.Errorf("process_cpu_seconds_total = %v", value(f.Metric[0]))
+			}
+			if f, g := fams["process_open_fds"], fams["process_max_fds"]; f != nil && g != nil {
+				if open, max := value(f.Metric[0]), value(g.Metric[0]); open < 4 || max < open {
+					t.Errorf("process_open_fds = %v, process_max_fds = %v", open, max)
 				}
 			}
 			if f := fams["derp_packets_received"]; f != nil {

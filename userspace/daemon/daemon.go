@@ -354,6 +354,11 @@ func (d *Daemon) registerProcessMetrics() {
 	start := float64(d.started.UnixNano()) / 1e9
 	r.GaugeFunc("process_start_time_seconds", "Start time of the process since the Unix epoch, in seconds.", func() float64 { return start })
 	r.GaugeFunc("process_resident_memory_bytes", "Resident memory size in bytes.", residentBytes)
+	// The standard process collector's names, which most dashboards read.
+	r.CounterFunc("process_cpu_seconds_total", "Total user and system CPU time spent in seconds.", cpuSeconds)
+	r.GaugeFunc("process_virtual_memory_bytes", "Virtual memory size in bytes.", virtualBytes)
+	r.GaugeFunc("process_open_fds", "Number of open file descriptors.", openFDs)
+	r.GaugeFunc("process_max_fds", "Maximum number of open file descriptors.", maxFDs)
 	r.GaugeFunc("derp_current_file_descriptors", "Open file descriptors of the process.", openFDs)
 	r.GaugeFunc("go_goroutines", "Number of goroutines that currently exist.", func() float64 { return float64(runtime.NumGoroutine()) })
 	r.GaugeFunc("uptime_sec", "Seconds since the daemon started.", func() float64 { return time.Since(d.started).Seconds() })

@@ -35,11 +35,41 @@ func openFDs() float64 {
 
 // residentBytes reads the process's resident set size.
 func residentBytes() float64 {
-	b, err := os.ReadFile("/proc/self/statm")
-	if err != nil {
+	_, rss := statm()
+	return float64(rss * int64(os.Getpagesize()))
+}
+
+// virtualBytes reads the process's virtual memory size.
+func virtualBytes() float64 {
+	size, _ := statm()
+	return float64(size * int64(os.Getpagesize()))
+}
+
+// cpuSeconds returns the user and system CPU time the process has used.
+func cpuSeconds() float64 {
+	var ru unix.Rusage
+	if unix.Getrusage(unix.RUSAGE_SELF, &ru) != nil {
 		return 0
 	}
-	var size, rss int64
+	return float64(ru.Utime.Nano()+ru.Stime.Nano()) / 1e9
+}
+
+// maxFDs returns the soft limit on open file descriptors.
+func maxFDs() float64 {
+	var l unix.Rlimit
+	if unix.Getrlimit(unix.RLIMIT_NOFILE, &l) != nil {
+		return 0
+	}
+	return float64(l.Cur)
+}
+
+// statm returns the first two fields of /proc/self/statm: the virtual and
+// resident sizes in pages.
+func statm() (size, rss int64) {
+	b, err := os.ReadFile("/proc/self/statm")
+	if err != nil {
+		return 0, 0
+	}
 	for i, f := 0, 0; i < len(b) && f < 2; i++ {
 		c := b[i]
 		if c == ' ' {
@@ -55,5 +85,5 @@ func residentBytes() float64 {
 			rss = rss*10 + int64(c-'0')
 		}
 	}
-	return float64(rss * int64(os.Getpagesize()))
+	return size, rss
 }
