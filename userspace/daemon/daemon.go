@@ -295,6 +295,7 @@ func (d *Daemon) mux() *http.ServeMux {
 	mh := metricsHandler(d.reg, d.metricsAllow.Load)
 	mux.Handle("/metrics", mh)
 	mux.Handle("/debug/varz", mh)
+	debugHandlers(mux, d.metricsAllow.Load)
 	return mux
 }
 

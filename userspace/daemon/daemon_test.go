@@ -47,6 +47,7 @@ func TestServesEndpointsAndSTUN(t *testing.T) {
 	for path, code := range map[string]int{
 		"/derp/probe": 200, "/derp/latency-check": 200, "/generate_204": 204,
 		"/robots.txt": 200, "/": 200, "/metrics": 200, "/debug/varz": 200, "/derp": 426,
+		"/debug/pprof/": 200, "/debug/pprof/goroutine?debug=1": 200,
 	} {
 		resp, err := http.Get(base + path)
 		if err != nil {

@@ -3,6 +3,7 @@ package daemon
 import (
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/netip"
 	"strings"
 
@@ -102,14 +103,33 @@ func homeHandler(home string, derpEnabled bool) http.HandlerFunc {
 // the prefixes in allow. A request that came through a proxy
 // (X-Forwarded-For) is refused: the proxy's loopback address proves nothing.
 func metricsHandler(reg *metrics.Registry, allow func() *[]netip.Prefix) http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		if !metricsAllowed(r, *allow()) {
-			http.Error(w, "metrics access denied", http.StatusForbidden)
-			return
-		}
+	return restricted(allow, func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 		reg.WriteText(w)
+	})
+}
+
+// restricted serves h only to loopback and the -metrics-allow prefixes
+// (never to a request relayed with X-Forwarded-For); others get 403.
+func restricted(allow func() *[]netip.Prefix, h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if !metricsAllowed(r, *allow()) {
+			http.Error(w, "access denied", http.StatusForbidden)
+			return
+		}
+		h(w, r)
 	}
+}
+
+// debugHandlers mounts Go's profiler under /debug/pprof/, restricted as
+// the metrics are: a relay misbehaving in production can be profiled where
+// it runs (go tool pprof http://127.0.0.1:PORT/debug/pprof/profile).
+func debugHandlers(mux *http.ServeMux, allow func() *[]netip.Prefix) {
+	mux.HandleFunc("/debug/pprof/", restricted(allow, pprof.Index))
+	mux.HandleFunc("/debug/pprof/cmdline", restricted(allow, pprof.Cmdline))
+	mux.HandleFunc("/debug/pprof/profile", restricted(allow, pprof.Profile))
+	mux.HandleFunc("/debug/pprof/symbol", restricted(allow, pprof.Symbol))
+	mux.HandleFunc("/debug/pprof/trace", restricted(allow, pprof.Trace))
 }
 
 func metricsAllowed(r *http.Request, allow []netip.Prefix) bool {

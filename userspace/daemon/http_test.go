@@ -77,7 +77,9 @@ func TestMetricsAccess(t *testing.T) {
 	reg := metrics.NewRegistry()
 	reg.Counter("x_total", "x").Inc()
 	allow := []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}
-	h := metricsHandler(reg, func() *[]netip.Prefix { return &allow })
+	metricsH := metricsHandler(reg, func() *[]netip.Prefix { return &allow })
+	mux := http.NewServeMux()
+	debugHandlers(mux, func() *[]netip.Prefix { return &allow })
 	for _, tc := range []struct {
 		remote string
 		xff    bool
@@ -90,18 +92,25 @@ func TestMetricsAccess(t *testing.T) {
 		{"198.51.100.1:5000", false, 403},
 		{"127.0.0.1:5000", true, 403},
 	} {
-		req := httptest.NewRequest("GET", "/metrics", nil)
-		req.RemoteAddr = tc.remote
-		if tc.xff {
-			req.Header.Set("X-Forwarded-For", "198.51.100.1")
-		}
-		rec := httptest.NewRecorder()
-		h(rec, req)
-		if rec.Code != tc.code {
-			t.Errorf("%s xff=%v: %d, want %d", tc.remote, tc.xff, rec.Code, tc.code)
-		}
-		if tc.code == 200 && !strings.Contains(rec.Body.String(), "x_total 1") {
-			t.Errorf("body: %q", rec.Body.String())
+		// The profiler is restricted the same way.
+		for path, want := range map[string]string{"/metrics": "x_total 1", "/debug/pprof/goroutine?debug=1": "goroutine profile"} {
+			req := httptest.NewRequest("GET", path, nil)
+			req.RemoteAddr = tc.remote
+			if tc.xff {
+				req.Header.Set("X-Forwarded-For", "198.51.100.1")
+			}
+			rec := httptest.NewRecorder()
+			if path == "/metrics" {
+				metricsH(rec, req)
+			} else {
+				mux.ServeHTTP(rec, req)
+			}
+			if rec.Code != tc.code {
+				t.Errorf("%s from %s xff=%v: %d, want %d", path, tc.remote, tc.xff, rec.Code, tc.code)
+			}
+			if tc.code == 200 && !strings.Contains(rec.Body.String(), want) {
+				t.Errorf("%s body: %.100q", path, rec.Body.String())
+			}
 		}
 	}
 }
