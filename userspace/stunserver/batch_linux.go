@@ -157,7 +157,12 @@ func (s *Server) serve(sk *socket) {
 // full; a message the kernel refuses is counted and skipped.
 func (s *Server) sendAll(fd uintptr, msgs []unix.Mmsghdr) {
 	for len(msgs) > 0 {
-		r, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&msgs[0])), uintptr(len(msgs)), unix.MSG_NOSIGNAL, 0, 0)
+		// First without blocking, and so without the scheduler's
+		// system-call bookkeeping: the socket buffer almost always has room.
+		r, _, errno := unix.RawSyscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&msgs[0])), uintptr(len(msgs)), unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT, 0, 0)
+		if errno == unix.EAGAIN {
+			r, _, errno = unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&msgs[0])), uintptr(len(msgs)), unix.MSG_NOSIGNAL, 0, 0)
+		}
 		switch {
 		case errno == unix.EINTR:
 		case errno != 0:
