@@ -361,7 +361,7 @@ func (d *Daemon) registerProcessMetrics() {
 	r.GaugeFunc("process_open_fds", "Number of open file descriptors.", openFDs)
 	r.GaugeFunc("process_max_fds", "Maximum number of open file descriptors.", maxFDs)
 	r.GaugeFunc("derp_current_file_descriptors", "Open file descriptors of the process.", openFDs)
-	r.GaugeFunc("go_goroutines", "Number of goroutines that currently exist.", func() float64 { return float64(runtime.NumGoroutine()) })
+	r.RegisterGo()
 	r.GaugeFunc("uptime_sec", "Seconds since the daemon started.", func() float64 { return time.Since(d.started).Seconds() })
 }
 

@@ -260,7 +260,7 @@ func (r *Registry) WriteText(w io.Writer) error {
 		if len(samples) == 0 && len(f.labels) > 0 {
 			continue // a labelled family with no children yet has nothing to say
 		}
-		if f.kind != KindHistogram { // a histogram's lines are already in order
+		if f.kind != KindHistogram && f.kind != KindSummary { // their lines are already in order
 			sort.Slice(samples, func(i, j int) bool { return lessLabels(samples[i].Labels, samples[j].Labels) })
 		}
 		fmt.Fprintf(bw, "# HELP %s %s\n# TYPE %s %s\n", f.name, escapeHelp(f.help), f.name, f.kind)

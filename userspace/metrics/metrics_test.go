@@ -1,6 +1,8 @@
 package metrics
 
 import (
+	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -103,4 +105,44 @@ func TestHistogramRejectsUnorderedBounds(t *testing.T) {
 		}
 	}()
 	NewRegistry().Histogram("x", "", 2, 1)
+}
+
+func TestRegisterGo(t *testing.T) {
+	r := NewRegistry()
+	r.RegisterGo()
+	runtime.GC()
+	var sb strings.Builder
+	if err := r.WriteText(&sb); err != nil {
+		t.Fatal(err)
+	}
+	page := sb.String()
+	value := func(line string) float64 {
+		for l := range strings.SplitSeq(page, "\n") {
+			if rest, ok := strings.CutPrefix(l, line+" "); ok {
+				v, err := strconv.ParseFloat(rest, 64)
+				if err != nil {
+					t.Fatalf("%s: %v", l, err)
+				}
+				return v
+			}
+		}
+		t.Fatalf("no line %s in\n%s", line, page)
+		return 0
+	}
+	if value(`go_info{version="`+runtime.Version()+`"}`) != 1 {
+		t.Error("go_info")
+	}
+	if value("go_gc_duration_seconds_count") < 1 || value(`go_gc_duration_seconds{quantile="1"}`) < value(`go_gc_duration_seconds{quantile="0"}`) {
+		t.Error("go_gc_duration_seconds after a GC")
+	}
+	if !strings.Contains(page, "# TYPE go_gc_duration_seconds summary\n") {
+		t.Error("go_gc_duration_seconds is not a summary")
+	}
+	if v := value("go_memstats_heap_inuse_bytes"); v <= 0 || v > value("go_memstats_heap_sys_bytes") {
+		t.Errorf("heap in use %v of %v", v, value("go_memstats_heap_sys_bytes"))
+	}
+	if value("go_memstats_mallocs_total") < value("go_memstats_frees_total") || value("go_threads") < 1 ||
+		value("go_sched_gomaxprocs_threads") != float64(runtime.GOMAXPROCS(0)) || value("go_gc_gogc_percent") <= 0 {
+		t.Error("runtime figures implausible")
+	}
 }
