@@ -80,6 +80,9 @@ type Config struct {
 	// MeshPSKFile and MeshWith configure region meshing (-mesh-psk-file, -mesh-with).
 	MeshPSKFile string
 	MeshWith    []string
+	// BootstrapDNSNames are resolved and served at /bootstrap-dns
+	// (-bootstrap-dns-names).
+	BootstrapDNSNames []string
 	// VerifyClientURL is the admission webhook asked about every client
 	// (-verify-client-url); empty admits everyone.
 	VerifyClientURL string
@@ -181,6 +184,10 @@ func NewFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 	fs.StringVar(&c.MeshPSKFile, "mesh-psk-file", "", "file holding the region's mesh key (64 hex digits)")
 	fs.Func("mesh-with", "comma-separated mesh peers: host, host/dialhost, or a URL such as http://127.0.0.1:3341/derp", func(s string) error {
 		c.MeshWith = splitList(s)
+		return nil
+	})
+	fs.Func("bootstrap-dns-names", "comma-separated host names resolved every 10 minutes and served at /bootstrap-dns, for clients whose DNS fails", func(s string) error {
+		c.BootstrapDNSNames = splitList(s)
 		return nil
 	})
 	fs.StringVar(&c.VerifyClientURL, "verify-client-url", "", "admission webhook URL: each client's key and IP are POSTed as derper does, and only a 200 answer of {\"Allow\":true} admits it")
@@ -323,6 +330,11 @@ func (c *Config) Validate() error {
 	default:
 		return fieldErr("home", "%q is not empty, 'blank' or an http(s) URL", c.Home)
 	}
+	for _, n := range c.BootstrapDNSNames {
+		if strings.ContainsAny(n, "/: \t") || strings.Trim(n, ".") == "" {
+			return fieldErr("bootstrap-dns-names", "%q is not a host name", n)
+		}
+	}
 	if c.VerifyClientURL != "" {
 		u, err := url.Parse(c.VerifyClientURL)
 		if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
@@ -440,8 +452,7 @@ var derperOnly = map[string]string{
 	"secrets-url":                     "use -mesh-psk-file for the mesh key",
 	"secrets-path-prefix":             "use -mesh-psk-file for the mesh key",
 	"secrets-cache-dir":               "use -mesh-psk-file for the mesh key",
-	"bootstrap-dns-names":             "/bootstrap-dns is not served",
-	"unpublished-bootstrap-dns-names": "/bootstrap-dns is not served",
+	"unpublished-bootstrap-dns-names": "unpublished names with TXT rollout percentages are not supported; use -bootstrap-dns-names",
 	"rate-config":                     "per-client limits are enforced in XDP: see the -shape-* flags",
 	"ace":                             "the CONNECT proxy is not supported",
 	"acme-ip-certs":                   "use -certmode=manual with an IP -hostname for a pinned self-signed certificate",

@@ -45,6 +45,8 @@ type Daemon struct {
 	tlsConf *tls.Config
 	certs   *certs.Provider
 	mesh    *mesh.Mesh
+	// bootstrap serves /bootstrap-dns (-bootstrap-dns-names).
+	bootstrap *bootstrapDNS
 
 	// ctx lives as long as the daemon; Shutdown cancels it.
 	ctx    context.Context
@@ -93,6 +95,7 @@ func New(cfg *config.Config, opts Options) (*Daemon, error) {
 	}
 	d.key = key
 	d.metricsAllow.Store(&cfg.MetricsAllow)
+	d.bootstrap = newBootstrapDNS(cfg.BootstrapDNSNames, d.log.With("component", "bootstrap-dns"), d.reg)
 	if cfg.TLS() && d.tlsConf == nil {
 		if d.certs, err = newCertProvider(cfg, key, d.log, d.reg); err != nil {
 			return nil, err
@@ -255,6 +258,7 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 			go d.refreshMeshExemptions()
 		}
 	}
+	go d.bootstrap.run(d.ctx)
 	d.log.Info("xderpd serving",
 		"version", Version,
 		"addr", d.ln.Addr().String(), "scheme", scheme,
@@ -291,6 +295,7 @@ func (d *Daemon) mux() *http.ServeMux {
 	mux.HandleFunc("/derp/latency-check", probeHandler)
 	mux.HandleFunc("/generate_204", generate204)
 	mux.HandleFunc("/robots.txt", robots)
+	mux.Handle("/bootstrap-dns", d.bootstrap)
 	mux.HandleFunc("/", homeHandler(d.cfg.Home, d.cfg.RunDERP))
 	mh := metricsHandler(d.reg, d.metricsAllow.Load)
 	mux.Handle("/metrics", mh)
