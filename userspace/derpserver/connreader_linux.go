@@ -159,9 +159,17 @@ func rawWriteAll(rc syscall.RawConn, b []byte) (int, error) {
 // a system call that takes a loopback delivery's few microseconds, hands the
 // P to another thread: on a lightly loaded relay those wake-ups cost more
 // CPU than the relaying itself. EINTR is retried; a nil error means success.
-func nbRead(fd uintptr, p []byte) (int, error) {
+func nbRead(fd uintptr, p []byte) (int, error) { return nbIO(syscall.SYS_READ, fd, p) }
+
+func nbWrite(fd uintptr, p []byte) (int, error) { return nbIO(syscall.SYS_WRITE, fd, p) }
+
+func nbIO(trap, fd uintptr, p []byte) (int, error) {
+	var ptr unsafe.Pointer
+	if len(p) > 0 {
+		ptr = unsafe.Pointer(&p[0])
+	}
 	for {
-		r, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(bufPtr(p)), uintptr(len(p)))
+		r, _, e := syscall.RawSyscall(trap, fd, uintptr(ptr), uintptr(len(p)))
 		switch e {
 		case 0:
 			return int(r), nil
@@ -170,24 +178,4 @@ func nbRead(fd uintptr, p []byte) (int, error) {
 		}
 		return 0, e
 	}
-}
-
-func nbWrite(fd uintptr, p []byte) (int, error) {
-	for {
-		r, _, e := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(bufPtr(p)), uintptr(len(p)))
-		switch e {
-		case 0:
-			return int(r), nil
-		case syscall.EINTR:
-			continue
-		}
-		return 0, e
-	}
-}
-
-func bufPtr(p []byte) unsafe.Pointer {
-	if len(p) == 0 {
-		return nil
-	}
-	return unsafe.Pointer(&p[0])
 }

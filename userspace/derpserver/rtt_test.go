@@ -1,15 +1,12 @@
 package derpserver
 
 import (
-	"bufio"
 	"crypto/tls"
 	"fmt"
-	"net"
 	"net/http/httptest"
 	"testing"
 	"time"
 
-	"github.com/xderp/xderp/userspace/derp"
 	"github.com/xderp/xderp/userspace/metrics"
 )
 
@@ -86,22 +83,7 @@ func TestTCPRTTSamples(t *testing.T) {
 	}
 
 	// A connection over a pipe has no TCP socket.
-	cs, ss := net.Pipe()
-	t.Cleanup(func() { cs.Close() })
-	go ts.s.serveConn(bg, ss, bufio.NewReader(ss), true, false, "192.0.2.1:1234", 0)
-	c := &testClient{t: t, conn: cs, br: bufio.NewReader(cs)}
-	c.fr = derp.NewFrameReader(c.br, 0)
-	c.priv, _ = derp.NewPrivateKey()
-	c.pub = c.priv.Public()
-	cs.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if err := c.readServerKey(); err != nil {
-		t.Fatal(err)
-	}
-	ci, _ := derp.AppendClientInfo(nil, c.priv, c.serverPub, &derp.ClientInfo{})
-	go cs.Write(ci)
-	if err := c.readServerInfo(); err != nil {
-		t.Fatal(err)
-	}
+	pipeClient(t, ts.s, true)
 	ts.waitMetric(`derp_tcp_rtt{le="non-tcp"}`, func(v float64) bool { return v == 1 })
 	if v := ts.metric(`derp_tcp_rtt{le="error"}`); v != 0 {
 		t.Fatalf("%v sampling errors", v)

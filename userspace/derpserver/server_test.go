@@ -589,30 +589,7 @@ func TestOverPipe(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	var clients []*testClient
-	for range 2 {
-		cs, ss := net.Pipe()
-		t.Cleanup(func() { cs.Close() })
-		go s.serveConn(bg, ss, bufio.NewReader(ss), false, false, "192.0.2.1:1234", 0)
-		c := &testClient{t: t, conn: cs, br: bufio.NewReader(cs)}
-		c.fr = derp.NewFrameReader(c.br, 0)
-		c.priv, _ = derp.NewPrivateKey()
-		c.pub = c.priv.Public()
-		// Not fast start: skip the 101 response.
-		cs.SetReadDeadline(time.Now().Add(5 * time.Second))
-		if _, err := http.ReadResponse(c.br, nil); err != nil {
-			t.Fatal(err)
-		}
-		if err := c.readServerKey(); err != nil {
-			t.Fatal(err)
-		}
-		ci, _ := derp.AppendClientInfo(nil, c.priv, c.serverPub, &derp.ClientInfo{})
-		go cs.Write(ci)
-		if err := c.readServerInfo(); err != nil {
-			t.Fatal(err)
-		}
-		clients = append(clients, c)
-	}
+	clients := []*testClient{pipeClient(t, s, false), pipeClient(t, s, false)}
 	a, b := clients[0], clients[1]
 	big := randBytes(derp.MaxPacketSize)
 	go a.send(b.pub, big)
@@ -729,4 +706,32 @@ func TestOverTLS(t *testing.T) {
 	if k, _, _ := derp.ParsePeerGone(b.mustNext(derp.FramePeerGone)); k != a.pub {
 		t.Fatal("PeerGone over TLS")
 	}
+}
+
+// pipeClient connects a test client to s over a net.Pipe (a connection
+// with no socket under it) and completes the handshake.
+func pipeClient(t *testing.T, s *Server, fastStart bool) *testClient {
+	t.Helper()
+	cs, ss := net.Pipe()
+	t.Cleanup(func() { cs.Close() })
+	go s.serveConn(bg, ss, bufio.NewReader(ss), fastStart, false, "192.0.2.1:1234", 0)
+	c := &testClient{t: t, conn: cs, br: bufio.NewReader(cs)}
+	c.fr = derp.NewFrameReader(c.br, 0)
+	c.priv, _ = derp.NewPrivateKey()
+	c.pub = c.priv.Public()
+	cs.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if !fastStart { // skip the 101 response
+		if _, err := http.ReadResponse(c.br, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.readServerKey(); err != nil {
+		t.Fatal(err)
+	}
+	ci, _ := derp.AppendClientInfo(nil, c.priv, c.serverPub, &derp.ClientInfo{})
+	go cs.Write(ci)
+	if err := c.readServerInfo(); err != nil {
+		t.Fatal(err)
+	}
+	return c
 }
