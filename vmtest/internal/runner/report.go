@@ -28,6 +28,9 @@ func (r *Report) Markdown() string {
 		if !kr.OK() {
 			result = "**FAIL**"
 		}
+		if kr.Retried != "" {
+			result += " (second boot: the first " + kr.Retried + ")"
+		}
 		p, s, f := kr.Totals()
 		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %d / %d / %d | %s |\n",
 			name, kr.Release, sourceText(k.Source), missing, result, p, s, f, kr.Elapsed.Round(100*time.Millisecond))

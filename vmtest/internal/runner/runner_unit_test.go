@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -388,5 +389,28 @@ func TestMarkdownTable(t *testing.T) {
 	}
 	if rep.OK() {
 		t.Error("a report with a failing kernel is OK")
+	}
+}
+
+func TestTextPatchPanic(t *testing.T) {
+	crash := errors.New("the guest stopped before running every test binary")
+	dispatcher := "[   30.554747] ---[ end trace 0000000000000000 ]---\n" +
+		"[   30.554841] RIP: 0010:bpf_dispatcher_xdp_func+0xa/0x10\n" +
+		"[   30.555229] Kernel panic - not syncing: Fatal exception in interrupt\n"
+	other := "[    9.1] RIP: 0010:xdp_do_redirect+0x1a/0x300\n[    9.2] Kernel panic - not syncing: Fatal exception\n"
+	for _, tc := range []struct {
+		name string
+		kr   KernelResult
+		want string
+	}{
+		{"dispatcher panic", KernelResult{Err: crash, Console: dispatcher}, "in bpf_dispatcher_xdp_func+0xa/0x10"},
+		{"udp hash panic", KernelResult{Err: crash, Console: strings.Replace(dispatcher, "bpf_dispatcher_xdp_func+0xa/0x10", "udp_ehashfn+0x3/0x90", 1)}, "in udp_ehashfn+0x3/0x90"},
+		{"panic elsewhere", KernelResult{Err: crash, Console: other}, ""},
+		{"site named without a panic", KernelResult{Err: crash, Console: "RIP: 0010:bpf_dispatcher_xdp_func+0xa/0x10\n"}, ""},
+		{"guest came back", KernelResult{Console: dispatcher}, ""},
+	} {
+		if got := textPatchPanic(tc.kr); got != tc.want {
+			t.Errorf("%s: %q, want %q", tc.name, got, tc.want)
+		}
 	}
 }
