@@ -71,7 +71,12 @@ func (s *Server) noteRTTSocketLocked(c *sclient) {
 	if s.opts.RTTSampleInterval < 0 {
 		return
 	}
-	if c.tcp = tcpSocketOf(c.conn); c.tcp == nil {
+	if _, plain := c.conn.(*net.TCPConn); plain && c.rc != nil {
+		c.tcp = c.rc // the inline writes' handle on the same socket
+	} else {
+		c.tcp = tcpSocketOf(c.conn)
+	}
+	if c.tcp == nil {
 		s.m.rttNonTCP.Inc()
 		return
 	}

@@ -637,7 +637,7 @@ func (s *Server) keepAliveInterval() time.Duration {
 // that negotiated version v (tls.VersionTLS12, say), WebSocket ones
 // included.
 func (s *Server) TLSConns(v uint16) int64 {
-	if i := int(v) - tls.VersionTLS10; i >= 0 && i < len(s.tlsConns) {
+	if i := s.tlsSlotOf(v); i >= 0 {
 		return s.tlsConns[i].Load()
 	}
 	return 0
@@ -645,8 +645,17 @@ func (s *Server) TLSConns(v uint16) int64 {
 
 // noteTLSVersion counts c under TLS version v, if it is over TLS (v != 0).
 func (s *Server) noteTLSVersion(c *sclient, v uint16) {
-	if i := int(v) - tls.VersionTLS10; v != 0 && i >= 0 && i < len(s.tlsConns) {
+	if i := s.tlsSlotOf(v); i >= 0 {
 		c.tlsSlot = int8(i)
 		s.tlsConns[i].Add(1)
 	}
+}
+
+// tlsSlotOf returns the tlsConns slot of TLS version v, or -1 (not TLS, or
+// a version outside 1.0-1.3).
+func (s *Server) tlsSlotOf(v uint16) int {
+	if i := int(v) - tls.VersionTLS10; i >= 0 && i < len(s.tlsConns) {
+		return i
+	}
+	return -1
 }
