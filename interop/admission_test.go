@@ -64,8 +64,8 @@ func TestAdmissionWebhook(t *testing.T) {
 	}
 	if kind != "reference" {
 		for result, want := range map[string]float64{"allowed": 2, "denied": 1} {
-			if v, err := s.Metric(t.Context(), `xderp_admission_requests_total{result="`+result+`"}`); err != nil || v != want {
-				t.Errorf("xderp_admission_requests_total{result=%q} = %v (%v), want %v", result, v, err, want)
+			if v, err := s.Metric(t.Context(), `xderp_admission_requests_total{via="webhook",result="`+result+`"}`); err != nil || v != want {
+				t.Errorf("xderp_admission_requests_total{via=webhook,result=%q} = %v (%v), want %v", result, v, err, want)
 			}
 		}
 	}

@@ -83,6 +83,12 @@ type Config struct {
 	// BootstrapDNSNames are resolved and served at /bootstrap-dns
 	// (-bootstrap-dns-names).
 	BootstrapDNSNames []string
+	// VerifyClients admits only clients whose node key the local
+	// tailscaled knows (derper's -verify-clients).
+	VerifyClients bool
+	// TailscaledSocket is tailscaled's LocalAPI socket for VerifyClients;
+	// empty means the default path.
+	TailscaledSocket string
 	// VerifyClientURL is the admission webhook asked about every client
 	// (-verify-client-url); empty admits everyone.
 	VerifyClientURL string
@@ -190,6 +196,8 @@ func NewFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 		c.BootstrapDNSNames = splitList(s)
 		return nil
 	})
+	fs.BoolVar(&c.VerifyClients, "verify-clients", false, "admit only clients whose node key the local tailscaled knows (this node or a peer in its network map), asked over its LocalAPI socket")
+	fs.StringVar(&c.TailscaledSocket, "socket", "", "tailscaled's LocalAPI socket for -verify-clients (empty: /var/run/tailscale/tailscaled.sock)")
 	fs.StringVar(&c.VerifyClientURL, "verify-client-url", "", "admission webhook URL: each client's key and IP are POSTed as derper does, and only a 200 answer of {\"Allow\":true} admits it")
 	fs.BoolVar(&c.VerifyClientURLFailOpen, "verify-client-url-fail-open", true, "admit clients while the admission webhook cannot be reached (a reachable webhook's refusal always refuses)")
 	fs.Float64Var(&c.AcceptLimit, "accept-connection-limit", math.Inf(1), "accepted connections per second allowed (+Inf: no limit)")
@@ -447,8 +455,6 @@ func ReadMeshKey(path string) (string, error) {
 // derperOnly lists derper flags xderp does not implement, with the reason,
 // so a derper command line that relies on one fails with a clear message.
 var derperOnly = map[string]string{
-	"verify-clients":                  "client verification through a local tailscaled is not supported",
-	"socket":                          "there is no tailscaled integration",
 	"secrets-url":                     "use -mesh-psk-file for the mesh key",
 	"secrets-path-prefix":             "use -mesh-psk-file for the mesh key",
 	"secrets-cache-dir":               "use -mesh-psk-file for the mesh key",

@@ -109,6 +109,24 @@ func TestVerifyClientURL(t *testing.T) {
 	}
 }
 
+func TestVerifyClients(t *testing.T) {
+	c, err := Parse([]string{"-a", ":1"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.VerifyClients || c.TailscaledSocket != "" {
+		t.Errorf("defaults: verify-clients %v, socket %q; want off, default path", c.VerifyClients, c.TailscaledSocket)
+	}
+	// derper's spelling of the pair.
+	c, err = Parse([]string{"-a", ":1", "--verify-clients", "--socket=/run/ts.sock"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.VerifyClients || c.TailscaledSocket != "/run/ts.sock" {
+		t.Errorf("verify-clients %v, socket %q", c.VerifyClients, c.TailscaledSocket)
+	}
+}
+
 func TestUnparseableFlagValue(t *testing.T) {
 	for _, args := range [][]string{
 		{"-metrics-allow", "10.0.0.0/33"},
@@ -189,7 +207,7 @@ func TestConfigFile(t *testing.T) {
 }
 
 func TestDerperOnlyFlagsAreNamed(t *testing.T) {
-	for _, name := range []string{"verify-clients", "rate-config", "acme-ip-certs"} {
+	for _, name := range []string{"unpublished-bootstrap-dns-names", "rate-config", "acme-ip-certs"} {
 		_, err := Parse([]string{"-a", ":1", "-" + name}, io.Discard)
 		assertField(t, err, name)
 	}

@@ -18,8 +18,12 @@ import (
 	"github.com/xderp/xderp/userspace/metrics"
 )
 
-// Client admission through a webhook (-verify-client-url), wire-compatible
-// with derper's: for each client that has proved its key, a POST of
+// Client admission. Two checks, each optional, in derper's order: the
+// local tailscaled's view of the tailnet (-verify-clients, verifyclients.go)
+// and then a webhook (-verify-client-url). A client is admitted only if
+// every configured check admits it.
+//
+// The webhook is wire-compatible with derper's: for each client that has proved its key, a POST of
 // {"NodePublic":"nodekey:<hex>","Source":"<client IP>"}; the client is
 // admitted only on a 200 answer whose JSON says {"Allow":true}. When the
 // webhook cannot be reached at all, -verify-client-url-fail-open decides.
@@ -63,14 +67,66 @@ type admission struct {
 	url      string
 	failOpen bool
 	client   *http.Client
-	log      *slog.Logger
 	results  map[string]*metrics.Counter
-
-	logMu   sync.Mutex
-	lastLog time.Time
+	outage   outageLog
 }
 
-func newAdmission(url string, failOpen bool, log *slog.Logger, reg *metrics.Registry) *admission {
+// newAdmissionMetric registers xderp_admission_requests_total, shared by
+// both checks.
+func newAdmissionMetric(reg *metrics.Registry) *metrics.CounterVec {
+	return reg.CounterVec("xderp_admission_requests_total", "Client admission decisions by check (via: tailscaled for -verify-clients, webhook for -verify-client-url) and result: allowed, denied, bad_response (refused), unreachable (refused, or for the webhook -verify-client-url-fail-open decides)", "via", "result")
+}
+
+// admissionResults returns one check's counters (via: "webhook" or
+// "tailscaled"), every result present from the start.
+func admissionResults(v *metrics.CounterVec, via string) map[string]*metrics.Counter {
+	m := make(map[string]*metrics.Counter)
+	for _, r := range []string{admitAllowed, admitDenied, admitBadResponse, admitUnreachable} {
+		m[r] = v.With(via, r)
+	}
+	return m
+}
+
+// outageLog logs an unreachable admission service at most once per
+// admitLogEvery: during an outage every connecting client hits it.
+type outageLog struct {
+	log  *slog.Logger
+	mu   sync.Mutex
+	last time.Time
+}
+
+func (o *outageLog) warn(msg string, args ...any) {
+	o.mu.Lock()
+	now := time.Now()
+	if now.Sub(o.last) < admitLogEvery {
+		o.mu.Unlock()
+		return
+	}
+	o.last = now
+	o.mu.Unlock()
+	o.log.Warn(msg, args...)
+}
+
+// chainAdmit admits a client only if every check does, asking them in
+// order and stopping at the first refusal.
+func chainAdmit(checks ...derpserver.AdmitFunc) derpserver.AdmitFunc {
+	switch len(checks) {
+	case 0:
+		return nil
+	case 1:
+		return checks[0]
+	}
+	return func(ctx context.Context, key derp.PublicKey, info *derp.ClientInfo, remote netip.AddrPort) error {
+		for _, check := range checks {
+			if err := check(ctx, key, info, remote); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+}
+
+func newAdmission(url string, failOpen bool, log *slog.Logger, results *metrics.CounterVec) *admission {
 	tr := &http.Transport{
 		Proxy:               http.ProxyFromEnvironment,
 		DialContext:         (&net.Dialer{Timeout: admitTimeout, KeepAlive: 30 * time.Second}).DialContext,
@@ -88,12 +144,8 @@ func newAdmission(url string, failOpen bool, log *slog.Logger, reg *metrics.Regi
 			// A redirect is an answer other than 200: refuse, as derper.
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		},
-		log:     log,
-		results: make(map[string]*metrics.Counter),
-	}
-	v := reg.CounterVec("xderp_admission_requests_total", "Admission webhook (-verify-client-url) decisions by result: allowed, denied, bad_response (refused), unreachable (-verify-client-url-fail-open decides)", "result")
-	for _, r := range []string{admitAllowed, admitDenied, admitBadResponse, admitUnreachable} {
-		a.results[r] = v.With(r)
+		results: admissionResults(results, "webhook"),
+		outage:  outageLog{log: log},
 	}
 	return a
 }
@@ -103,7 +155,11 @@ func (a *admission) admit(ctx context.Context, key derp.PublicKey, _ *derp.Clien
 	result, err := a.ask(ctx, key, remote.Addr())
 	a.results[result].Inc()
 	if result == admitUnreachable {
-		a.logUnreachable(err)
+		verdict := "clients refused"
+		if a.failOpen {
+			verdict = "clients admitted (-verify-client-url-fail-open)"
+		}
+		a.outage.warn("admission webhook unreachable; "+verdict, "url", a.url, "err", err)
 		if a.failOpen {
 			return nil
 		}
@@ -141,24 +197,6 @@ func (a *admission) ask(ctx context.Context, key derp.PublicKey, src netip.Addr)
 		return admitDenied, fmt.Errorf("admission webhook: %s from %v not allowed", key.ShortString(), src)
 	}
 	return admitAllowed, nil
-}
-
-// logUnreachable logs an unreachable webhook at most once per
-// admitLogEvery: during an outage every connecting client hits it.
-func (a *admission) logUnreachable(err error) {
-	a.logMu.Lock()
-	now := time.Now()
-	if now.Sub(a.lastLog) < admitLogEvery {
-		a.logMu.Unlock()
-		return
-	}
-	a.lastLog = now
-	a.logMu.Unlock()
-	verdict := "clients refused"
-	if a.failOpen {
-		verdict = "clients admitted (-verify-client-url-fail-open)"
-	}
-	a.log.Warn("admission webhook unreachable; "+verdict, "url", a.url, "err", err)
 }
 
 var _ derpserver.AdmitFunc = (*admission)(nil).admit

@@ -66,7 +66,7 @@ func TestAdmissionWebhook(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			answer = tc.answer
 			reg := metrics.NewRegistry()
-			a := newAdmission(tc.url, tc.failOpen, slog.New(slog.DiscardHandler), reg)
+			a := newAdmission(tc.url, tc.failOpen, slog.New(slog.DiscardHandler), newAdmissionMetric(reg))
 			err := a.admit(context.Background(), key, &derp.ClientInfo{}, remote)
 			if admitted := err == nil; admitted != tc.admitted {
 				t.Fatalf("admitted %v (err %v), want %v", admitted, err, tc.admitted)

@@ -47,6 +47,8 @@ type Daemon struct {
 	mesh    *mesh.Mesh
 	// bootstrap serves /bootstrap-dns (-bootstrap-dns-names).
 	bootstrap *bootstrapDNS
+	// tailscaled is the -verify-clients check (nil without it).
+	tailscaled *tailscaledCheck
 
 	// ctx lives as long as the daemon; Shutdown cancels it.
 	ctx    context.Context
@@ -116,10 +118,19 @@ func New(cfg *config.Config, opts Options) (*Daemon, error) {
 		if writeTimeout == 0 {
 			writeTimeout = -1 // -tcp-write-timeout=0 disables the deadline
 		}
-		var admit derpserver.AdmitFunc
-		if cfg.VerifyClientURL != "" {
-			admit = newAdmission(cfg.VerifyClientURL, cfg.VerifyClientURLFailOpen, d.log.With("component", "admission"), d.reg).admit
+		var checks []derpserver.AdmitFunc
+		if cfg.VerifyClients || cfg.VerifyClientURL != "" {
+			results := newAdmissionMetric(d.reg)
+			alog := d.log.With("component", "admission")
+			if cfg.VerifyClients {
+				d.tailscaled = newTailscaledCheck(cfg.TailscaledSocket, alog, results)
+				checks = append(checks, d.tailscaled.admit)
+			}
+			if cfg.VerifyClientURL != "" {
+				checks = append(checks, newAdmission(cfg.VerifyClientURL, cfg.VerifyClientURLFailOpen, alog, results).admit)
+			}
 		}
+		admit := chainAdmit(checks...)
 		d.derp, err = derpserver.New(derpserver.Options{
 			PrivateKey:   key,
 			Logger:       d.log.With("component", "derp"),
@@ -259,6 +270,9 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 		}
 	}
 	go d.bootstrap.run(d.ctx)
+	if d.tailscaled != nil {
+		go d.tailscaled.logStartup(d.ctx, d.log.With("component", "admission"))
+	}
 	d.log.Info("xderpd serving",
 		"version", Version,
 		"addr", d.ln.Addr().String(), "scheme", scheme,
