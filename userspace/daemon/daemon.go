@@ -57,8 +57,10 @@ type Daemon struct {
 	metricsAllow atomic.Pointer[[]netip.Prefix]
 	reloadMu     sync.Mutex // serialises XDP configuration updates
 
-	xdp      *loader.XDP
-	xdpIface string
+	// xdpp is the attached program (nil without one). It is published
+	// once, during Start, while requests may already be served.
+	xdpp     atomic.Pointer[loader.XDP]
+	xdpIface string // set before xdpp
 
 	ln                 net.Listener
 	accepted, rejected *metrics.Counter
@@ -265,7 +267,7 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 	}
 	if d.mesh != nil {
 		d.mesh.Start(d.ctx)
-		if d.xdp != nil {
+		if d.xdpNow() != nil {
 			go d.refreshMeshExemptions()
 		}
 	}
@@ -292,6 +294,9 @@ func (d *Daemon) serve(srv *http.Server, ln net.Listener) {
 		}
 	}()
 }
+
+// xdpNow returns the attached XDP program, or nil.
+func (d *Daemon) xdpNow() *loader.XDP { return d.xdpp.Load() }
 
 // Err returns a channel that receives a fatal serving error.
 func (d *Daemon) Err() <-chan error { return d.errc }
@@ -345,11 +350,11 @@ func (d *Daemon) Shutdown(ctx context.Context) error {
 	if d.stun != nil {
 		d.stun.Close()
 	}
-	if d.xdp != nil {
+	if d.xdpNow() != nil {
 		// Close releases our handles only: the program stays attached and
 		// pinned, so STUN keeps being answered until the next start adopts it.
 		// A -dev relay leaves nothing behind on the developer's machine.
-		d.xdp.Close()
+		d.xdpNow().Close()
 		if d.cfg.Dev {
 			if err := loader.Detach(d.xdpIface, pinDir(d.cfg, d.xdpIface)); err != nil {
 				errs = append(errs, err)
@@ -427,7 +432,7 @@ func (d *Daemon) refreshMeshExemptions() {
 			continue
 		}
 		d.reloadMu.Lock()
-		err := d.xdp.Update(d.loaderConfig())
+		err := d.xdpNow().Update(d.loaderConfig())
 		d.reloadMu.Unlock()
 		if err != nil {
 			d.log.Error("mesh peers changed but the XDP exemptions could not be updated", "err", err)
@@ -455,8 +460,8 @@ func (d *Daemon) Reload(next *config.Config) {
 			applied = append(applied, "certificate")
 		}
 	}
-	if d.xdp != nil {
-		if err := d.xdp.Update(d.loaderConfig()); err != nil {
+	if d.xdpNow() != nil {
+		if err := d.xdpNow().Update(d.loaderConfig()); err != nil {
 			d.log.Error("reload: XDP configuration refused, the previous one stays", "err", err)
 		} else {
 			applied = append(applied, "shaping", "shape-exempt", "xdp-drop-stun")

@@ -37,7 +37,8 @@ func (d *Daemon) startXDP() error {
 	if err != nil {
 		return d.xdpUnavailable(fmt.Errorf("attach to %s: %w", iface, err))
 	}
-	d.xdp, d.xdpIface = x, iface
+	d.xdpIface = iface
+	d.xdpp.Store(x)
 	d.log.Info("XDP fast path attached: STUN answered in the kernel", "iface", iface, "mode", x.Mode().String(),
 		"shaping", cfg.Shaping.Enabled(), "drop_stun", cfg.XDPDropSTUN)
 	return nil
@@ -115,10 +116,10 @@ func (d *Daemon) registerXDPMetrics() {
 	r := d.reg
 	read := func(bytes bool) func() []metrics.Sample {
 		return func() []metrics.Sample {
-			if d.xdp == nil {
+			if d.xdpNow() == nil {
 				return nil
 			}
-			cs, err := d.xdp.Counters()
+			cs, err := d.xdpNow().Counters()
 			if err != nil {
 				return nil
 			}
@@ -136,16 +137,16 @@ func (d *Daemon) registerXDPMetrics() {
 	r.Register("xderp_xdp_packets_total", "Packets seen by the XDP program, by address family, verdict and reason.", metrics.KindCounter, []string{"af", "verdict", "reason"}, read(false))
 	r.Register("xderp_xdp_bytes_total", "Bytes seen by the XDP program (frame length after processing), by address family, verdict and reason.", metrics.KindCounter, []string{"af", "verdict", "reason"}, read(true))
 	r.Register("xderp_xdp_attached", "1 when the XDP program is attached, labelled with the interface and the mode actually used.", metrics.KindGauge, []string{"iface", "mode"}, func() []metrics.Sample {
-		if d.xdp == nil {
+		if d.xdpNow() == nil {
 			return []metrics.Sample{{Labels: []string{"", "off"}, Value: 0}}
 		}
-		return []metrics.Sample{{Labels: []string{d.xdpIface, d.xdp.Mode().String()}, Value: 1}}
+		return []metrics.Sample{{Labels: []string{d.xdpIface, d.xdpNow().Mode().String()}, Value: 1}}
 	})
 	r.Register("xderp_xdp_shaping_sources", "Sources currently tracked in the XDP shaping tables, by address family.", metrics.KindGauge, []string{"af"}, func() []metrics.Sample {
-		if d.xdp == nil {
+		if d.xdpNow() == nil {
 			return nil
 		}
-		v4, v6, err := d.xdp.ShapingOccupancy()
+		v4, v6, err := d.xdpNow().ShapingOccupancy()
 		if err != nil {
 			return nil
 		}
