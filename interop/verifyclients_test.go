@@ -4,9 +4,11 @@ import (
 	"context"
 	"io"
 	"net"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -150,7 +152,21 @@ func TestVerifyClients(t *testing.T) {
 	if m, err := stranger.next(10*time.Second, skipControl); err == nil {
 		t.Fatalf("stranger received %T", m)
 	}
+	// The consistency check, which with -verify-clients verifies the
+	// relay machine's own key through tailscaled, passes.
+	res, err := http.Get(s.HTTPURL() + "/debug/check")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		t.Errorf("/debug/check: %s\n%s", res.Status, body)
+	}
 	if kind != "reference" {
+		if !strings.Contains(string(body), "ok tailscaled\n") {
+			t.Errorf("/debug/check does not report the tailscaled part:\n%s", body)
+		}
 		for result, atLeast := range map[string]float64{"allowed": 2, "denied": 1} {
 			v, err := s.Metric(t.Context(), `xderp_admission_requests_total{via="tailscaled",result="`+result+`"}`)
 			if err != nil || v < atLeast {

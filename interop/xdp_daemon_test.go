@@ -9,6 +9,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -464,6 +465,23 @@ func TestXDPDaemon(t *testing.T) {
 		}
 		d = restartDuringLoop(t, n, d)
 	}) && ok
+
+	// The restarted daemon adopted the pinned link and swapped in its own
+	// program: its health check must say that program is the one running.
+	t.Run("debug-check", func(t *testing.T) {
+		if !ok {
+			t.Skip("an earlier step failed")
+		}
+		resp, err := n.http.Get(n.baseURL() + "/debug/check")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "ok xdp\n") {
+			t.Errorf("/debug/check: %s\n%s", resp.Status, body)
+		}
+	})
 
 	t.Run("detach", func(t *testing.T) {
 		if !ok {

@@ -371,3 +371,27 @@ func kernelConfig(cfg Config) bpf.XderpXderpConfig {
 	}
 	return k
 }
+
+// Check reports whether this program is still the one the interface runs:
+// nil, or what changed (the interface is gone, or another program, such as
+// a second daemon's, replaced ours on the pinned link).
+func (x *XDP) Check() error {
+	if x.link == nil {
+		return errors.New("loader: not attached")
+	}
+	info, err := x.link.Info()
+	if err != nil {
+		return fmt.Errorf("loader: link info: %w", err)
+	}
+	pi, err := x.objs.XderpXdp.Info()
+	if err != nil {
+		return fmt.Errorf("loader: program info: %w", err)
+	}
+	if id, ok := pi.ID(); ok && info.Program != id {
+		return fmt.Errorf("loader: another program (id %d) replaced this daemon's (id %d) on %s", info.Program, id, x.iface)
+	}
+	if xi := info.XDP(); xi == nil || xi.Ifindex == 0 {
+		return fmt.Errorf("loader: the program is no longer attached to %s (interface removed?)", x.iface)
+	}
+	return nil
+}

@@ -27,3 +27,5 @@ func (x *XDP) ShapingOccupancy() (v4, v6 int, err error) { return 0, 0, ErrUnsup
 
 // Close returns nil.
 func (x *XDP) Close() error { return nil }
+
+func (x *XDP) Check() error { return ErrUnsupported }

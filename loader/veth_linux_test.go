@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -362,6 +363,9 @@ func TestVethAdoptReplaceDetach(t *testing.T) {
 	e := newVethEnv(t)
 	x := e.attach(Config{})
 	mode := x.Mode()
+	if err := x.Check(); err != nil {
+		t.Fatalf("fresh attach: %v", err)
+	}
 	c := e.client(netip.AddrPortFrom(e.srv4, 3478))
 	if err := exchange(c, 2*time.Second); err != nil {
 		t.Fatal(err)
@@ -404,6 +408,19 @@ func TestVethAdoptReplaceDetach(t *testing.T) {
 	if got != uint64(answered)+1 {
 		t.Errorf("pinned counter says %d answered, client saw %d", got, answered+1)
 	}
+	if err := x.Check(); err != nil {
+		t.Errorf("after adopting the pinned link: %v", err)
+	}
+	// A second daemon's program takes over the link while this one runs:
+	// this one's check must say so, the newcomer's must pass.
+	y := e.attach(Config{})
+	if err := x.Check(); err == nil || !strings.Contains(err.Error(), "replaced") {
+		t.Errorf("replaced program's check: %v", err)
+	}
+	if err := y.Check(); err != nil {
+		t.Errorf("replacing program's check: %v", err)
+	}
+	y.Close()
 	x.Close()
 
 	if err := Detach(e.srvIf, e.pinDir); err != nil {

@@ -320,6 +320,7 @@ func (d *Daemon) mux() *http.ServeMux {
 	mux.Handle("/metrics", mh)
 	mux.Handle("/debug/varz", mh)
 	debugHandlers(mux, d.metricsAllow.Load)
+	mux.HandleFunc("/debug/check", restricted(d.metricsAllow.Load, d.serveCheck))
 	return mux
 }
 

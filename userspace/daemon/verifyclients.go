@@ -126,38 +126,57 @@ func (t *tailscaledCheck) get(ctx context.Context, path string) (*http.Response,
 	return t.client.Do(req)
 }
 
-// self asks tailscaled for this machine's own node: the start-up check
-// that the socket answers and the node is logged in. It returns the
-// node's DNS name and state.
-func (t *tailscaledCheck) self(ctx context.Context) (name, state string, err error) {
+// self asks tailscaled for this machine's own node: whether the socket
+// answers and the node is logged in. It returns the node's DNS name, key
+// and the backend state.
+func (t *tailscaledCheck) self(ctx context.Context) (name string, key derp.PublicKey, state string, err error) {
 	ctx, cancel := context.WithTimeout(ctx, admitTimeout)
 	defer cancel()
 	res, err := t.get(ctx, "/localapi/v0/status?peers=false")
 	if err != nil {
-		return "", "", err
+		return "", key, "", err
 	}
 	defer res.Body.Close()
 	if res.StatusCode != http.StatusOK {
-		return "", "", fmt.Errorf("status: %s", res.Status)
+		return "", key, "", fmt.Errorf("status: %s", res.Status)
 	}
 	var st struct {
 		BackendState string
-		Self         *struct{ DNSName string }
+		Self         *struct {
+			DNSName   string
+			PublicKey derp.PublicKey
+		}
 	}
 	if err := json.NewDecoder(io.LimitReader(res.Body, whoisMaxBody)).Decode(&st); err != nil {
-		return "", "", fmt.Errorf("status: %w", err)
+		return "", key, "", fmt.Errorf("status: %w", err)
 	}
 	if st.Self != nil {
-		name = st.Self.DNSName
+		name, key = st.Self.DNSName, st.Self.PublicKey
 	}
-	return name, st.BackendState, nil
+	return name, key, st.BackendState, nil
+}
+
+// check is /debug/check's part: the relay can verify this machine's own
+// node key through tailscaled, as derper's consistency check does.
+func (t *tailscaledCheck) check(ctx context.Context) error {
+	_, self, state, err := t.self(ctx)
+	if err != nil {
+		return fmt.Errorf("tailscaled at %s: %w", t.socket, err)
+	}
+	if self.IsZero() {
+		return fmt.Errorf("tailscaled at %s has no node key (state %s)", t.socket, state)
+	}
+	if _, err := t.ask(ctx, self); err != nil {
+		return fmt.Errorf("verifying this node's own key: %w", err)
+	}
+	return nil
 }
 
 // logStartup logs once whether tailscaled answers, so an operator sees a
 // missing or logged-out tailscaled at start rather than as refused
 // clients. tailscaled may start after the relay: this only logs.
 func (t *tailscaledCheck) logStartup(ctx context.Context, log *slog.Logger) {
-	name, state, err := t.self(ctx)
+	name, _, state, err := t.self(ctx)
 	switch {
 	case err != nil:
 		log.Warn("-verify-clients: tailscaled does not answer; clients are refused until it does", "socket", t.socket, "err", err)

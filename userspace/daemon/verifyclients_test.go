@@ -140,3 +140,51 @@ func TestAdmissionChainStopsAtFirstRefusal(t *testing.T) {
 		t.Errorf("asked %s", got)
 	}
 }
+
+// /debug/check verifies this machine's own node key through tailscaled,
+// and reports the registry's check, with one line per part.
+func TestDebugCheck(t *testing.T) {
+	selfPriv, _ := derp.NewPrivateKey()
+	self := selfPriv.Public()
+	var known atomic.Bool
+	known.Store(true)
+	socket := serveUnix(t, func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/localapi/v0/status":
+			io.WriteString(w, `{"BackendState":"Running","Self":{"DNSName":"relay.tail1.ts.net.","PublicKey":"nodekey:`+self.String()+`"}}`)
+		case "/localapi/v0/whois":
+			if known.Load() && r.URL.Query().Get("addr") == "nodekey:"+self.String() {
+				io.WriteString(w, `{"Node":{"ID":1}}`)
+				return
+			}
+			http.Error(w, "no match for IP:port", http.StatusNotFound)
+		}
+	})
+	d := startDaemon(t, "-verify-clients", "-socket", socket)
+	get := func(header ...string) (int, string) {
+		t.Helper()
+		req, _ := http.NewRequest(http.MethodGet, "http://"+d.Addr().String()+"/debug/check", nil)
+		if len(header) == 2 {
+			req.Header.Set(header[0], header[1])
+		}
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer res.Body.Close()
+		b, _ := io.ReadAll(res.Body)
+		return res.StatusCode, string(b)
+	}
+	if code, body := get(); code != http.StatusOK || body != "ok derp\nok tailscaled\nconsistency check okay\n" {
+		t.Errorf("healthy: %d %q", code, body)
+	}
+	known.Store(false)
+	code, body := get()
+	if code != http.StatusInternalServerError || !strings.Contains(body, "ok derp\n") ||
+		!strings.Contains(body, "FAIL tailscaled: verifying this node's own key: peer "+self.ShortString()+" not authorized (not found in local tailscaled)") {
+		t.Errorf("own key unknown: %d %q", code, body)
+	}
+	if code, _ := get("X-Forwarded-For", "192.0.2.7"); code != http.StatusForbidden {
+		t.Errorf("proxied request: %d, want 403 as for /metrics", code)
+	}
+}
