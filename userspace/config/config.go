@@ -5,6 +5,7 @@
 package config
 
 import (
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -83,6 +84,11 @@ type Config struct {
 	// BootstrapDNSNames are resolved and served at /bootstrap-dns
 	// (-bootstrap-dns-names).
 	BootstrapDNSNames []string
+	// RateConfigFile is derper's -rate-config: a JSON file holding the
+	// per-client receive limit, re-read on SIGHUP. RateLimit is what it
+	// says (zero without the file).
+	RateConfigFile string
+	RateLimit      RateLimit
 	// VerifyClients admits only clients whose node key the local
 	// tailscaled knows (derper's -verify-clients).
 	VerifyClients bool
@@ -196,6 +202,7 @@ func NewFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 		c.BootstrapDNSNames = splitList(s)
 		return nil
 	})
+	fs.StringVar(&c.RateConfigFile, "rate-config", "", `JSON file with derper's per-client receive limit, {"PerClientRateLimitBytesPerSec":N,"PerClientRateBurstBytes":M} (N 0: no limit); re-read on SIGHUP`)
 	fs.BoolVar(&c.VerifyClients, "verify-clients", false, "admit only clients whose node key the local tailscaled knows (this node or a peer in its network map), asked over its LocalAPI socket")
 	fs.StringVar(&c.TailscaledSocket, "socket", "", "tailscaled's LocalAPI socket for -verify-clients (empty: /var/run/tailscale/tailscaled.sock)")
 	fs.StringVar(&c.VerifyClientURL, "verify-client-url", "", "admission webhook URL: each client's key and IP are POSTed as derper does, and only a 200 answer of {\"Allow\":true} admits it")
@@ -352,6 +359,13 @@ func (c *Config) Validate() error {
 	if len(c.MeshWith) > 0 && c.MeshPSKFile == "" {
 		return fieldErr("mesh-with", "needs a mesh key (-mesh-psk-file)")
 	}
+	if c.RateConfigFile != "" {
+		rl, err := ReadRateConfig(c.RateConfigFile)
+		if err != nil {
+			return fieldErr("rate-config", "%v", err)
+		}
+		c.RateLimit = rl
+	}
 	if c.MeshPSKFile != "" {
 		if _, err := ReadMeshKey(c.MeshPSKFile); err != nil {
 			return fieldErr("mesh-psk-file", "%v", err)
@@ -452,6 +466,36 @@ func ReadMeshKey(path string) (string, error) {
 	return strings.ToLower(k), nil
 }
 
+// RateLimit is the per-client receive limit of -rate-config.
+type RateLimit struct {
+	BytesPerSec uint64 // 0: no limit
+	BurstBytes  uint64 // bucket size; raised to one maximum frame
+}
+
+// ReadRateConfig reads derper's rate file. Unlike derper, a field it does
+// not know is an error: a misspelt name would otherwise silently mean no
+// limit.
+func ReadRateConfig(path string) (RateLimit, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return RateLimit{}, err
+	}
+	defer f.Close()
+	var rc struct {
+		PerClientRateLimitBytesPerSec uint64
+		PerClientRateBurstBytes       uint64
+	}
+	dec := json.NewDecoder(io.LimitReader(f, 1<<16))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&rc); err != nil {
+		return RateLimit{}, fmt.Errorf("%s: %w", path, err)
+	}
+	if dec.More() {
+		return RateLimit{}, fmt.Errorf("%s: more than one JSON object", path)
+	}
+	return RateLimit{BytesPerSec: rc.PerClientRateLimitBytesPerSec, BurstBytes: rc.PerClientRateBurstBytes}, nil
+}
+
 // derperOnly lists derper flags xderp does not implement, with the reason,
 // so a derper command line that relies on one fails with a clear message.
 var derperOnly = map[string]string{
@@ -459,7 +503,6 @@ var derperOnly = map[string]string{
 	"secrets-path-prefix":             "use -mesh-psk-file for the mesh key",
 	"secrets-cache-dir":               "use -mesh-psk-file for the mesh key",
 	"unpublished-bootstrap-dns-names": "unpublished names with TXT rollout percentages are not supported; use -bootstrap-dns-names",
-	"rate-config":                     "per-client limits are enforced in XDP: see the -shape-* flags",
 	"ace":                             "the CONNECT proxy is not supported",
 	"acme-ip-certs":                   "use -certmode=manual with an IP -hostname for a pinned self-signed certificate",
 }

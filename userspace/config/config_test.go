@@ -127,6 +127,36 @@ func TestVerifyClients(t *testing.T) {
 	}
 }
 
+func TestRateConfig(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, body string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	// derper's file, as derper's operators have it.
+	ok := write("ok.json", `{"PerClientRateLimitBytesPerSec": 1000000, "PerClientRateBurstBytes": 2000000}`)
+	c, err := Parse([]string{"-a", ":1", "-rate-config", ok}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.RateLimit != (RateLimit{BytesPerSec: 1000000, BurstBytes: 2000000}) {
+		t.Errorf("read %+v", c.RateLimit)
+	}
+	for _, bad := range []string{
+		write("typo.json", `{"PerClientRateLimitBytesPerSecond": 1000000}`),
+		write("negative.json", `{"PerClientRateLimitBytesPerSec": -1}`),
+		write("garbage.json", `{"PerClientRateLimitBytesPerSec": 1} trailing`),
+		write("empty.json", ``),
+		filepath.Join(dir, "missing.json"),
+	} {
+		_, err := Parse([]string{"-a", ":1", "-rate-config", bad}, io.Discard)
+		assertField(t, err, "rate-config")
+	}
+}
+
 func TestUnparseableFlagValue(t *testing.T) {
 	for _, args := range [][]string{
 		{"-metrics-allow", "10.0.0.0/33"},
@@ -207,7 +237,7 @@ func TestConfigFile(t *testing.T) {
 }
 
 func TestDerperOnlyFlagsAreNamed(t *testing.T) {
-	for _, name := range []string{"unpublished-bootstrap-dns-names", "rate-config", "acme-ip-certs"} {
+	for _, name := range []string{"unpublished-bootstrap-dns-names", "ace", "acme-ip-certs"} {
 		_, err := Parse([]string{"-a", ":1", "-" + name}, io.Discard)
 		assertField(t, err, name)
 	}

@@ -133,7 +133,12 @@ func New(cfg *config.Config, opts Options) (*Daemon, error) {
 			}
 		}
 		admit := chainAdmit(checks...)
+		var rateLimit *derpserver.RateLimit
+		if cfg.RateConfigFile != "" {
+			rateLimit = &derpserver.RateLimit{BytesPerSec: cfg.RateLimit.BytesPerSec, BurstBytes: cfg.RateLimit.BurstBytes}
+		}
 		d.derp, err = derpserver.New(derpserver.Options{
+			RateLimit:    rateLimit,
 			PrivateKey:   key,
 			Logger:       d.log.With("component", "derp"),
 			Metrics:      d.reg,
@@ -460,6 +465,16 @@ func (d *Daemon) Reload(next *config.Config) {
 		} else {
 			applied = append(applied, "certificate")
 		}
+	}
+	switch {
+	case d.derp != nil && d.cfg.RateConfigFile != "":
+		// Parse has re-read the file; a file that no longer parses
+		// refused the whole reload before this point.
+		rl := d.derp.SetRateLimit(derpserver.RateLimit{BytesPerSec: next.RateLimit.BytesPerSec, BurstBytes: next.RateLimit.BurstBytes})
+		applied = append(applied, "rate-config")
+		d.log.Info("reload: per-client receive limit", "bytes_per_sec", rl.BytesPerSec, "burst_bytes", rl.BurstBytes)
+	case next.RateConfigFile != "":
+		d.log.Warn("reload: -rate-config takes effect after a restart (the daemon started without it)")
 	}
 	if d.xdpNow() != nil {
 		if err := d.xdpNow().Update(d.loaderConfig()); err != nil {

@@ -93,6 +93,9 @@ type sclient struct {
 	connectedAt int64 // monoNow() at the handshake
 	keepAlive   *time.Timer
 	closeReason atomic.Pointer[string]
+	// connClosed is set by closeConn before the connection is closed, so
+	// a reader pacing itself (ratelimit.go) stops waiting.
+	connClosed atomic.Bool
 
 	isDup        atomic.Bool
 	unregistered bool // guarded by Server.mu
@@ -126,6 +129,7 @@ type sclient struct {
 		tokens float64
 		last   int64 // monoNow() of the last PeerGone(not-here) check; 0: none yet
 	}
+	recvLimit recvBucket // -rate-config (ratelimit.go)
 
 	// Writer-owned (one writer at a time). sawSrc is written only with
 	// Server.mu held, so others may read it under Server.mu.
@@ -242,6 +246,11 @@ func (c *sclient) readFrames(cr *connReader) error {
 			return err
 		}
 		t, n := derp.ParseFrameHeader(h)
+		if rl := s.rateLimit.Load(); rl != nil && !c.canMesh {
+			if err := c.paceRecv(rl, n); err != nil {
+				return err
+			}
+		}
 		if c.isDup.Load() && c.entry.active.Load() != c {
 			s.noteActive(c)
 		}
@@ -459,11 +468,18 @@ func (c *sclient) handlePing(cr *connReader, n uint32) error {
 	return nil
 }
 
+// closeConn closes the connection; its reader, if it is pacing itself,
+// stops waiting.
+func (c *sclient) closeConn() error {
+	c.connClosed.Store(true)
+	return c.conn.Close()
+}
+
 // teardown runs once the reader is done: it stops the writer, drops what
 // is queued, and removes the connection from the registry.
 func (c *sclient) teardown(err error) {
 	s := c.s
-	c.conn.Close()
+	c.closeConn()
 	reason := crEOF
 	if r := c.closeReason.Load(); r != nil {
 		reason = *r
@@ -593,7 +609,7 @@ func (c *sclient) writeInline(p *packet, from *sclient) {
 		from.stats.drop(dropWriteError, p.disco, len(p.data))
 		putPacket(p)
 		c.closeReason.CompareAndSwap(nil, &crWriteErrorStr)
-		c.conn.Close()
+		c.closeConn()
 	} else {
 		c.pending, c.pendingOff = p, n
 	}
@@ -621,20 +637,26 @@ func (c *sclient) writeInline(p *packet, from *sclient) {
 	go c.writeLoop()
 }
 
-// waitSpace waits (as a sender) until ch is closed or QueueFullWait passes.
-func (c *sclient) waitSpace(ch chan struct{}) bool {
-	d := c.s.opts.QueueFullWait
+// armWaitTimer (re)arms the reader's reusable timer for d and returns its
+// channel.
+func (c *sclient) armWaitTimer(d time.Duration) <-chan time.Time {
 	if c.waitTimer == nil {
 		c.waitTimer = time.NewTimer(d)
 	} else {
 		c.waitTimer.Reset(d)
 	}
+	return c.waitTimer.C
+}
+
+// waitSpace waits (as a sender) until ch is closed or QueueFullWait passes.
+func (c *sclient) waitSpace(ch chan struct{}) bool {
+	timeout := c.armWaitTimer(c.s.opts.QueueFullWait)
 	select {
 	case <-ch:
 		c.waitTimer.Stop()
 		c.s.m.queueWaits.Inc()
 		return true
-	case <-c.waitTimer.C:
+	case <-timeout:
 		c.s.m.queueWaitTimeouts.Inc()
 		return false
 	}
@@ -661,7 +683,7 @@ func (c *sclient) enqueueCtrl(m ctrlMsg) {
 		c.mu.Unlock()
 		c.s.m.controlQueueOverflows.Inc()
 		c.closeReason.CompareAndSwap(nil, &crCtrlOverflowStr)
-		go c.conn.Close()
+		go c.closeConn()
 		return
 	}
 	c.ctrl = append(c.ctrl, m)
@@ -788,7 +810,7 @@ func (c *sclient) writeLoop() {
 				s.m.writeTimeouts.Inc()
 			}
 			c.closeReason.CompareAndSwap(nil, &crWriteErrorStr)
-			c.conn.Close()
+			c.closeConn()
 		} else {
 			s.m.packetsSent.Inc()
 			s.m.bytesSent.Add(uint64(len(p.data)))
@@ -891,7 +913,7 @@ func (c *sclient) writeLoop() {
 				s.m.writeTimeouts.Inc()
 			}
 			c.closeReason.CompareAndSwap(nil, &crWriteErrorStr)
-			c.conn.Close()
+			c.closeConn()
 		}
 	}
 }

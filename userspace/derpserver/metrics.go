@@ -101,6 +101,7 @@ type serverMetrics struct {
 	websocketAccepts      *metrics.Counter
 	inlineWrites          *metrics.Counter
 	queueWaits            *metrics.Counter
+	rateLimitWaits        *metrics.Counter // exported only with Options.RateLimit
 	queueWaitTimeouts     *metrics.Counter
 	readSyscalls          *metrics.Counter
 	handshakesInProgress  *metrics.Gauge
@@ -121,6 +122,17 @@ func (s *Server) registerMetrics(r *metrics.Registry) {
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	sys0 := float64(ms.Sys)
+	m.rateLimitWaits = new(metrics.Counter)
+	if s.opts.RateLimit != nil {
+		// derper's names, exported only when a limit is configured.
+		m.rateLimitWaits = r.Counter("derp_rate_limit_per_client_waited", "Frames whose reader waited for its connection's receive limit (-rate-config)")
+		r.Register("derp_rate_limit_per_client_bytes_per_second", "Per-client receive limit in bytes per second (0: none)", metrics.KindUntyped, nil, func() []metrics.Sample {
+			return []metrics.Sample{{Value: float64(s.CurrentRateLimit().BytesPerSec)}}
+		})
+		r.Register("derp_rate_limit_per_client_burst_bytes", "Per-client receive limit's bucket size in bytes", metrics.KindUntyped, nil, func() []metrics.Sample {
+			return []metrics.Sample{{Value: float64(s.CurrentRateLimit().BurstBytes)}}
+		})
+	}
 	r.GaugeFunc("derp_memstats_sys0", "Go runtime memory obtained from the OS when the DERP server started, bytes", func() float64 { return sys0 })
 	m.watchers = r.Gauge("derp_watchers", "Mesh watchers (WatchConns subscribers) currently subscribed")
 	m.curConns = r.Gauge("derp_current_connections", "Client connections currently registered, duplicates included")

@@ -108,6 +108,11 @@ type Options struct {
 	// by Close (defaults 0 and 5s).
 	RestartReconnectIn time.Duration
 	RestartTryFor      time.Duration
+	// RateLimit, if set, limits what each non-mesh client may send, in
+	// bytes per second of frame payload (see ratelimit.go), and exports
+	// derper's derp_rate_limit_per_client_* metrics; SetRateLimit changes
+	// it at run time. Nil: no limit, no metrics.
+	RateLimit *RateLimit
 	// RTTSampleInterval is how often every connection's TCP round-trip
 	// time is sampled into derp_tcp_rtt; default 10s (derper's);
 	// negative disables sampling.
@@ -175,6 +180,9 @@ type Server struct {
 	clients     map[*sclient]struct{}
 	rttTimer    *time.Timer       // RTT sampling (rtt.go); nil until the first connection
 	rttSocks    []syscall.RawConn // reused by sampleRTT
+
+	// rateLimit is the per-client receive limit; nil for none.
+	rateLimit atomic.Pointer[RateLimit]
 
 	// tlsConns counts established connections over TLS by version, slot
 	// version-tls.VersionTLS10 (see TLSConns).
@@ -270,6 +278,9 @@ func New(opts Options) (*Server, error) {
 		s.registry = metrics.NewRegistry()
 	}
 	s.registerMetrics(s.registry)
+	if opts.RateLimit != nil {
+		s.SetRateLimit(*opts.RateLimit)
+	}
 	s.serverKey = derp.AppendServerKey(nil, s.pub)
 	s.upgradeResp = append([]byte("HTTP/1.1 101 Switching Protocols\r\n"+
 		"Upgrade: DERP\r\n"+
@@ -335,6 +346,7 @@ func (s *Server) Close() error {
 			conns = append(conns, nc)
 		}
 		for c := range s.clients {
+			c.connClosed.Store(true)
 			conns = append(conns, c.conn)
 		}
 		s.connsMu.Unlock()
@@ -553,7 +565,7 @@ func (s *Server) closePeer(k derp.PublicKey) {
 	s.mu.RUnlock()
 	for _, c := range conns {
 		c.closeReason.CompareAndSwap(nil, &crClosePeerStr)
-		go c.conn.Close() // a TLS close may block on its alert write
+		go c.closeConn() // a TLS close may block on its alert write
 	}
 }
 
