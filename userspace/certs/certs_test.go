@@ -431,20 +431,6 @@ func TestHandshakeErrorsCountedAndRateLimited(t *testing.T) {
 	}
 }
 
-func TestLogLimiter(t *testing.T) {
-	l := newLogLimiter(2, time.Second)
-	t0 := time.Unix(1000, 0)
-	for i, want := range []bool{true, true, false, false} {
-		if ok, _ := l.allow(t0); ok != want {
-			t.Fatalf("call %d: allow=%v", i, ok)
-		}
-	}
-	ok, suppressed := l.allow(t0.Add(time.Second))
-	if !ok || suppressed != 2 {
-		t.Fatalf("after refill: ok=%v suppressed=%d, want true 2", ok, suppressed)
-	}
-}
-
 func TestClassify(t *testing.T) {
 	for _, tc := range []struct {
 		err  error

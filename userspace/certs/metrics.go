@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/xderp/xderp/userspace/internal/lograte"
 	"github.com/xderp/xderp/userspace/metrics"
 )
 
@@ -44,7 +45,7 @@ type tlsMetrics struct {
 	expiry   map[string]time.Time
 	lastLeaf atomic.Pointer[x509.Certificate]
 
-	logLimiter *logLimiter
+	logLimiter *lograte.Limiter
 }
 
 func newTLSMetrics(r *metrics.Registry, p *Provider) *tlsMetrics {
@@ -54,7 +55,7 @@ func newTLSMetrics(r *metrics.Registry, p *Provider) *tlsMetrics {
 		challenges: r.Counter("xderp_tls_acme_challenge_handshakes_total", "TLS-ALPN-01 validation handshakes answered (acme-tls/1)."),
 		reloads:    r.CounterVec("xderp_tls_cert_reloads_total", "Manual certificate reload attempts by result (ok: a new pair was installed, error: refused, old pair kept).", "result"),
 		expiry:     make(map[string]time.Time),
-		logLimiter: newLogLimiter(5, time.Second),
+		logLimiter: lograte.New(5, time.Second),
 	}
 	for _, v := range []string{"1.2", "1.3"} {
 		m.handshakes.With(v)
@@ -158,51 +159,11 @@ func (p *Provider) CountHandshake(cs tls.ConnectionState, err error, remote net.
 	}
 	reason := ClassifyHandshakeError(err)
 	p.m.errors.With(reason).Inc()
-	if ok, suppressed := p.m.logLimiter.allow(p.now()); ok {
+	if ok, suppressed := p.m.logLimiter.Allow(p.now()); ok {
 		attrs := []any{"reason", reason, "err", err}
 		if remote != nil {
 			attrs = append(attrs, "remote", remote.String())
 		}
-		if suppressed > 0 {
-			attrs = append(attrs, "suppressed", suppressed)
-		}
-		p.log.Info("tls handshake failed", attrs...)
+		p.log.Info("tls handshake failed", lograte.Attrs(suppressed, attrs...)...)
 	}
-}
-
-// logLimiter is a token bucket for log lines: burst lines at once, then one
-// per interval; it counts what it suppressed so the next line can say so.
-type logLimiter struct {
-	mu         sync.Mutex
-	burst      float64
-	tokens     float64
-	interval   time.Duration
-	last       time.Time
-	suppressed uint64
-}
-
-func newLogLimiter(burst int, interval time.Duration) *logLimiter {
-	return &logLimiter{burst: float64(burst), tokens: float64(burst), interval: interval}
-}
-
-// allow reports whether a line may be written now and, if so, how many were
-// suppressed since the last one written.
-func (l *logLimiter) allow(now time.Time) (bool, uint64) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if !l.last.IsZero() {
-		l.tokens += float64(now.Sub(l.last)) / float64(l.interval)
-		if l.tokens > l.burst {
-			l.tokens = l.burst
-		}
-	}
-	l.last = now
-	if l.tokens < 1 {
-		l.suppressed++
-		return false, 0
-	}
-	l.tokens--
-	s := l.suppressed
-	l.suppressed = 0
-	return true, s
 }

@@ -10,11 +10,11 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"sync"
 	"time"
 
 	"github.com/xderp/xderp/userspace/derp"
 	"github.com/xderp/xderp/userspace/derpserver"
+	"github.com/xderp/xderp/userspace/internal/lograte"
 	"github.com/xderp/xderp/userspace/metrics"
 )
 
@@ -88,23 +88,21 @@ func admissionResults(v *metrics.CounterVec, via string) map[string]*metrics.Cou
 }
 
 // outageLog logs an unreachable admission service at most once per
-// admitLogEvery: during an outage every connecting client hits it.
+// admitLogEvery (during an outage every connecting client hits it), with
+// the count of lines left out.
 type outageLog struct {
-	log  *slog.Logger
-	mu   sync.Mutex
-	last time.Time
+	log *slog.Logger
+	lim *lograte.Limiter
 }
 
-func (o *outageLog) warn(msg string, args ...any) {
-	o.mu.Lock()
-	now := time.Now()
-	if now.Sub(o.last) < admitLogEvery {
-		o.mu.Unlock()
-		return
+func newOutageLog(log *slog.Logger) outageLog {
+	return outageLog{log: log, lim: lograte.New(1, admitLogEvery)}
+}
+
+func (o outageLog) warn(msg string, args ...any) {
+	if ok, suppressed := o.lim.Allow(time.Now()); ok {
+		o.log.Warn(msg, lograte.Attrs(suppressed, args...)...)
 	}
-	o.last = now
-	o.mu.Unlock()
-	o.log.Warn(msg, args...)
 }
 
 // chainAdmit admits a client only if every check does, asking them in
@@ -145,7 +143,7 @@ func newAdmission(url string, failOpen bool, log *slog.Logger, results *metrics.
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		},
 		results: admissionResults(results, "webhook"),
-		outage:  outageLog{log: log},
+		outage:  newOutageLog(log),
 	}
 	return a
 }

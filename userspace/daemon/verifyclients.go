@@ -73,7 +73,7 @@ func newTailscaledCheck(socket string, log *slog.Logger, results *metrics.Counte
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		},
 		results: admissionResults(results, "tailscaled"),
-		outage:  outageLog{log: log},
+		outage:  newOutageLog(log),
 	}
 }
 

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/xderp/xderp/userspace/derp"
+	"github.com/xderp/xderp/userspace/internal/lograte"
 )
 
 // errProtocol marks errors that close a connection for a protocol
@@ -488,7 +489,9 @@ func (c *sclient) teardown(err error) {
 	}
 	s.m.closed[reason].Inc()
 	if reason == crProtocol {
-		s.log.Info("derp: closing connection", "remote", c.remote, "key", c.key.ShortString(), "err", err)
+		if ok, suppressed := s.connLog.Allow(time.Now()); ok {
+			s.log.Info("derp: closing connection", lograte.Attrs(suppressed, "remote", c.remote, "key", c.key.ShortString(), "err", err)...)
+		}
 	} else {
 		s.log.Debug("derp: connection closed", "remote", c.remote, "key", c.key.ShortString(), "reason", reason, "err", err)
 	}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/xderp/xderp/userspace/derp"
+	"github.com/xderp/xderp/userspace/internal/lograte"
 )
 
 // ServeHTTP is the /derp handler. A request with "Upgrade: DERP" (any
@@ -122,7 +123,9 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, br *bufio.Reader, f
 		}
 		s.m.handshakeErrors[reason].Inc()
 		if reason == hsAdmission {
-			s.log.Info("derp: client refused", "remote", remoteAddr, "err", err)
+			if ok, suppressed := s.connLog.Allow(time.Now()); ok {
+				s.log.Info("derp: client refused", lograte.Attrs(suppressed, "remote", remoteAddr, "err", err)...)
+			}
 		} else {
 			s.log.Debug("derp: handshake failed", "remote", remoteAddr, "err", err)
 		}

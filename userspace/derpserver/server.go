@@ -30,6 +30,7 @@ import (
 	"time"
 
 	"github.com/xderp/xderp/userspace/derp"
+	"github.com/xderp/xderp/userspace/internal/lograte"
 	"github.com/xderp/xderp/userspace/metrics"
 )
 
@@ -129,6 +130,13 @@ type PacketForwarder interface {
 	String() string
 }
 
+// Client-triggered log lines: a burst of connLogBurst, then one per
+// connLogInterval; the next line written counts those left out.
+const (
+	connLogBurst    = 10
+	connLogInterval = time.Second
+)
+
 // Server is a DERP relay. Create it with New, mount ServeHTTP at /derp.
 type Server struct {
 	opts     Options
@@ -181,6 +189,10 @@ type Server struct {
 	rttTimer    *time.Timer       // RTT sampling (rtt.go); nil until the first connection
 	rttSocks    []syscall.RawConn // reused by sampleRTT
 
+	// connLog limits the Info lines that clients can trigger (refusals,
+	// protocol errors): hostile clients must not flood the log.
+	connLog *lograte.Limiter
+
 	// rateLimit is the per-client receive limit; nil for none.
 	rateLimit atomic.Pointer[RateLimit]
 
@@ -226,6 +238,7 @@ func New(opts Options) (*Server, error) {
 		writerLinger:  defaultWriterLinger,
 
 		wsControlTimeout: DefaultWriteTimeout,
+		connLog:          lograte.New(connLogBurst, connLogInterval),
 	}
 	if opts.MeshKey != "" {
 		k, err := derp.ParseMeshKey(opts.MeshKey)

@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -18,6 +19,7 @@ import (
 	"time"
 
 	"github.com/xderp/xderp/userspace/derp"
+	"github.com/xderp/xderp/userspace/internal/lograte"
 )
 
 func randBytes(n int) []byte {
@@ -515,6 +517,60 @@ func TestAdmission(t *testing.T) {
 		t.Fatalf("admission calls %v", seen)
 	}
 	ts.waitMetric(`xderp_handshake_errors_total{reason="admission"}`, func(v float64) bool { return v == 1 })
+}
+
+// Refused clients are logged, but a stream of them cannot flood the log:
+// a burst is written, then one line per interval that counts the rest.
+func TestRefusalLogIsRateLimited(t *testing.T) {
+	var logs syncBuffer
+	ts := newTestServer(t, Options{
+		Logger: slog.New(slog.NewTextHandler(&logs, nil)),
+		Admit: func(context.Context, derp.PublicKey, *derp.ClientInfo, netip.AddrPort) error {
+			return errors.New("not on the list")
+		},
+	})
+	// A short interval keeps the test quick; the limiter is the server's.
+	interval := 20 * time.Millisecond
+	ts.s.connLog = lograte.New(connLogBurst, interval)
+	const n = 60
+	start := time.Now()
+	for range n {
+		if _, err := tryClient(t, ts.addr, clientOpts{}); err == nil {
+			t.Fatal("refused client got ServerInfo")
+		}
+	}
+	ts.waitMetric(`xderp_handshake_errors_total{reason="admission"}`, func(v float64) bool { return v == n })
+	elapsed := time.Since(start)
+	lines := strings.Count(logs.String(), "derp: client refused")
+	if most := connLogBurst + int(elapsed/interval) + 1; lines > most || lines < connLogBurst {
+		t.Errorf("%d refusals in %v logged %d lines; want the burst of %d and at most %d", n, elapsed, lines, connLogBurst, most)
+	}
+	// The next line written after the interval says how many were left
+	// out (each try is one more refusal, so one is written soon).
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(logs.String(), "suppressed="); {
+		if time.Now().After(deadline) {
+			t.Fatalf("no line counted the suppressed ones:\n%s", logs.String())
+		}
+		tryClient(t, ts.addr, clientOpts{})
+	}
+}
+
+// syncBuffer is a bytes.Buffer that a logger and a test may share.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
 }
 
 func TestKeepAliveAndHealth(t *testing.T) {
