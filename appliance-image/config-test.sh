@@ -45,10 +45,13 @@ expect_ok static net/50-xderp.network '^Address=192.0.2.10/24$' '^Gateway=192.0.
 expect_ok static run/xderpd.env '-mesh-with derp1.example.com,derp3.example.com' '-mesh-psk-file .*/run/mesh.psk' '-xdp driver' '-xdp-iface enp1s0'
 expect_ok static time/50-xderp.conf '^NTP=ntp1.example.com ntp2.example.com$'
 
+# an IP address with letsencrypt: a CA-issued IP certificate
+printf 'HOSTNAME=192.0.2.1\nCERTMODE=letsencrypt\n' >"$T/ipacme.conf"
+expect_ok ipacme run/xderpd.env '-hostname 192.0.2.1 -certmode letsencrypt' '-acme-ip-certs'
+
 # refusals name the setting or the line
 printf '# nothing\n' >"$T/nohost.conf";                          expect_err nohost 'HOSTNAME is not set'
 printf 'HOSTNAME=a.example\nCERTMODE=bogus\n' >"$T/certmode.conf"; expect_err certmode "CERTMODE: 'bogus'"
-printf 'HOSTNAME=192.0.2.1\nCERTMODE=letsencrypt\n' >"$T/ipacme.conf"; expect_err ipacme 'CERTMODE: letsencrypt needs a DNS name'
 printf 'HOSTNAME=a.example\nFOO=1\n' >"$T/unknown.conf";         expect_err unknown "line 2: unknown setting 'FOO'"
 printf 'HOSTNAME=a.example\njust words\n' >"$T/noeq.conf";       expect_err noeq 'line 2: expected KEY=VALUE'
 printf 'HOSTNAME=a.example\nMETRICS_ALLOW=10.0.0.0\n' >"$T/cidr.conf"; expect_err cidr 'METRICS_ALLOW'

@@ -46,6 +46,7 @@ type certsPebbleOpts struct {
 	httpPort, tlsPort int               // where the VA validates challenges
 	validity          uint64            // certificate lifetime in seconds; 0 = Pebble's default
 	eab               map[string]string // kid -> base64url HMAC key; non-empty = EAB required
+	shortlived        uint64            // if set, a "shortlived" profile with this lifetime in seconds
 }
 
 type certsPebble struct {
@@ -93,9 +94,11 @@ func certsStartPebble(t *testing.T, o certsPebbleOpts) *certsPebble {
 	lg := log.New(logs, "pebble ", log.Lmicroseconds)
 	dnsAddr := certsStartLoopbackDNS(t)
 	store := db.NewMemoryStore()
-	authority := ca.New(lg, store, "", "ecdsa", 0, 1, map[string]ca.Profile{
-		"default": {Description: "test", ValidityPeriod: o.validity},
-	})
+	profiles := map[string]ca.Profile{"default": {Description: "test", ValidityPeriod: o.validity}}
+	if o.shortlived != 0 {
+		profiles["shortlived"] = ca.Profile{Description: "short-lived", ValidityPeriod: o.shortlived}
+	}
+	authority := ca.New(lg, store, "", "ecdsa", 0, 1, profiles)
 	validator := va.New(lg, o.httpPort, o.tlsPort, false, dnsAddr, store)
 	for kid, key := range o.eab {
 		if err := store.AddExternalAccountKeyByID(kid, key); err != nil {

@@ -25,6 +25,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -434,5 +435,136 @@ func TestCertsTailscaleManualReload(t *testing.T) {
 	// The old connections still carry the first certificate.
 	if !bytes.Equal(certsTlsState(t, a).PeerCertificates[0].Raw, firstDER) {
 		t.Error("client a's connection state changed")
+	}
+}
+
+// TestCertsTailscaleACMEIPCert: a node known only by its IP address gets a
+// CA-issued certificate for that address (-acme-ip-certs) from Pebble, by
+// HTTP-01 through the port-80 listener or, without one, by TLS-ALPN-01 on
+// the TLS port. It asks for the CA's short-lived profile, which IP
+// certificates come from. Tailscale's client, given a DERP map entry whose
+// HostName is the address and which pins nothing, trusts it through
+// Pebble's root, relays through it with fast start, and the certificate is
+// renewed before it expires.
+func TestCertsTailscaleACMEIPCert(t *testing.T) {
+	const shortlived = 60 // seconds
+	for _, viaHTTP := range []bool{true, false} {
+		name := "tls-alpn-01"
+		if viaHTTP {
+			name = "http-01"
+		}
+		t.Run(name, func(t *testing.T) {
+			tlsLn, tlsPort := certsListen(t)
+			httpLn, httpPort := certsListen(t)
+			pb := certsStartPebble(t, certsPebbleOpts{httpPort: httpPort, tlsPort: tlsPort, shortlived: shortlived})
+			dir := filepath.Join(t.TempDir(), "acme")
+			reg := metrics.NewRegistry()
+			site, p := certsStartDERPSite(t, certs.Config{Mode: certs.ModeLetsEncrypt, Dir: dir, Hostname: "127.0.0.1",
+				ACMEIPCerts: true, ACMEDirectory: pb.dirURL, HTTPClient: pb.client, Metrics: reg,
+				// Renew 10 s after issuance, so the test sees a renewal.
+				RenewBefore: (shortlived - 10) * time.Second}, tlsLn)
+			var challenges atomic.Int32
+			if viaHTTP {
+				h := p.HTTPHandler(http.NotFoundHandler())
+				httpSrv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					if strings.HasPrefix(r.URL.Path, "/.well-known/acme-challenge/") {
+						challenges.Add(1)
+					}
+					h.ServeHTTP(w, r)
+				})}
+				go httpSrv.Serve(httpLn)
+				t.Cleanup(func() { httpSrv.Close() })
+			} else {
+				httpLn.Close()
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+			defer cancel()
+			if err := p.Prefetch(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if viaHTTP && challenges.Load() == 0 {
+				t.Error("issued without an HTTP-01 request on the port-80 listener")
+			}
+
+			dm := p.DERPMapNode(certs.NodeInfo{DERPPort: site.port, STUNPort: -1})
+			if dm.CertName != "" || dm.HostName != "127.0.0.1" {
+				t.Errorf("DERP map entry %+v: want HostName 127.0.0.1 and no pin", dm)
+			}
+			node := &tailcfg.DERPNode{Name: dm.Name, RegionID: dm.RegionID, HostName: dm.HostName, IPv4: dm.IPv4, IPv6: "none",
+				DERPPort: site.port, STUNPort: -1}
+			if _, _, err := certsDerpClient(t, node, nil); err == nil {
+				t.Fatal("client trusted a Pebble certificate without Pebble's root")
+			}
+			roots := &tls.Config{RootCAs: pb.roots}
+			a, aKey, err := certsDerpClient(t, node, roots)
+			if err != nil {
+				t.Fatalf("client trusting Pebble's root: %v", err)
+			}
+			b, _, err := certsDerpClient(t, node, roots)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := certsExchange(a, aKey, b, "ip certificate"); err != nil {
+				t.Fatal(err)
+			}
+			leaf := certsTlsState(t, a).PeerCertificates[0]
+			if len(leaf.IPAddresses) != 1 || !leaf.IPAddresses[0].Equal(net.IPv4(127, 0, 0, 1)) || len(leaf.DNSNames) != 0 {
+				t.Errorf("leaf names IPs %v and DNS names %v, want only 127.0.0.1", leaf.IPAddresses, leaf.DNSNames)
+			}
+			if life := leaf.NotAfter.Sub(leaf.NotBefore); life > 2*shortlived*time.Second {
+				t.Errorf("leaf lifetime %v: the short-lived profile (%d s) was not asked for", life, shortlived)
+			}
+			if r := site.seen(); len(r) == 0 || !r[len(r)-1].fastStart {
+				t.Errorf("TLS 1.3 connection did not use fast start: %+v", r)
+			}
+			if v := certsMetric(t, reg, `xderp_tls_cert_expiry_seconds{name="127.0.0.1"}`); v <= 0 || v > shortlived {
+				t.Errorf("expiry gauge %v", v)
+			}
+			// Cached with its key at 0600 in a 0700 directory.
+			entries, _ := os.ReadDir(dir)
+			for _, e := range entries {
+				if fi, _ := e.Info(); fi.Mode().Perm()&0o077 != 0 {
+					t.Errorf("%s has mode %o", e.Name(), fi.Mode().Perm())
+				}
+			}
+
+			// Renewal: a new client soon sees a certificate with another
+			// serial number, and the relay keeps working.
+			deadline := time.Now().Add(60 * time.Second)
+			for {
+				c, cKey, err := certsDerpClient(t, node, roots)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if now := certsTlsState(t, c).PeerCertificates[0]; now.SerialNumber.Cmp(leaf.SerialNumber) != 0 {
+					if _, err := certsExchange(c, cKey, b, "after renewal"); err != nil {
+						t.Fatal(err)
+					}
+					break
+				}
+				c.Close()
+				if time.Now().After(deadline) {
+					t.Fatal("certificate not renewed within 60 s")
+				}
+				time.Sleep(500 * time.Millisecond) // pace the new connections
+			}
+
+			// A restart serves the cached certificate at once, with the CA
+			// unreachable.
+			p.Close()
+			p2, err := certs.New(certs.Config{Mode: certs.ModeLetsEncrypt, Dir: dir, Hostname: "127.0.0.1", ACMEIPCerts: true,
+				ACMEDirectory: pb.dirURL, HTTPClient: &http.Client{Transport: certsFailingTransport{}}, DERPPublicKey: certsTestDERPKey})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer p2.Close()
+			c, err := p2.GetCertificate(&tls.ClientHelloInfo{})
+			if err != nil {
+				t.Fatalf("after a restart with the CA unreachable: %v", err)
+			}
+			if c.Leaf == nil || len(c.Leaf.IPAddresses) != 1 || !c.Leaf.IPAddresses[0].Equal(net.IPv4(127, 0, 0, 1)) || !time.Now().Before(c.Leaf.NotAfter) {
+				t.Errorf("cached certificate %v", c.Leaf)
+			}
+		})
 	}
 }

@@ -19,10 +19,13 @@ import (
 
 func (p *Provider) initACME() error {
 	host := p.cfg.Hostname
-	if p.hostIsIP {
-		return fmt.Errorf("certs: hostname %q: an IP address cannot get an ACME certificate here; use -certmode manual (self-signed, pinned by CertName)", host)
+	switch {
+	case p.cfg.ACMEIPCerts && !p.hostIsIP:
+		return fmt.Errorf("certs: acme-ip-certs: hostname %q is not an IP address (a DNS name gets its certificate without the flag)", host)
+	case p.hostIsIP && !p.cfg.ACMEIPCerts:
+		return fmt.Errorf("certs: hostname %q: an IP address gets an ACME certificate only with -acme-ip-certs; or use -certmode manual (self-signed, pinned by CertName)", host)
 	}
-	if !strings.Contains(strings.Trim(host, "."), ".") {
+	if !p.hostIsIP && !strings.Contains(strings.Trim(host, "."), ".") {
 		return fmt.Errorf("certs: hostname %q: ACME needs a fully qualified DNS name", host)
 	}
 	dirURL := p.cfg.ACMEDirectory
@@ -48,6 +51,17 @@ func (p *Provider) initACME() error {
 	// autocert has no way to stop its renewal timers; after Close these
 	// make every renewal attempt fail without touching the CA or the disk.
 	hc.Transport = closableTransport{base: base, closed: &p.closed}
+	var eab *acme.ExternalAccountBinding
+	if p.cfg.EABKeyID != "" {
+		key, err := DecodeEABKey(p.cfg.EABKey)
+		if err != nil {
+			return fmt.Errorf("certs: acme-eab-key: %w", err)
+		}
+		eab = &acme.ExternalAccountBinding{KID: p.cfg.EABKeyID, Key: key}
+	}
+	if p.hostIsIP {
+		return p.initIPACME(hc, dirURL, eab)
+	}
 	m := &autocert.Manager{
 		Prompt:      autocert.AcceptTOS,
 		Cache:       closableCache{Cache: autocert.DirCache(p.cfg.Dir), closed: &p.closed},
@@ -56,13 +70,7 @@ func (p *Provider) initACME() error {
 		Email:       p.cfg.ACMEEmail,
 		Client:      &acme.Client{DirectoryURL: dirURL, HTTPClient: hc},
 	}
-	if p.cfg.EABKeyID != "" {
-		key, err := DecodeEABKey(p.cfg.EABKey)
-		if err != nil {
-			return fmt.Errorf("certs: acme-eab-key: %w", err)
-		}
-		m.ExternalAccountBinding = &acme.ExternalAccountBinding{KID: p.cfg.EABKeyID, Key: key}
-	}
+	m.ExternalAccountBinding = eab
 	p.acm = m
 	return nil
 }

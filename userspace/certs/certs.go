@@ -76,6 +76,9 @@ type Config struct {
 	// key (base64url without padding as ACME CAs issue it; standard base64 is
 	// accepted too). Both or neither.
 	EABKeyID, EABKey string
+	// ACMEIPCerts (letsencrypt mode) obtains a certificate for Hostname,
+	// which must then be an IP address, through ACME IP identifiers.
+	ACMEIPCerts bool
 	// RenewBefore is how long before expiry an ACME certificate is renewed.
 	// Default (zero): a third of the certificate lifetime, capped at 30 days.
 	RenewBefore time.Duration
@@ -127,6 +130,7 @@ type Provider struct {
 	// letsencrypt mode
 	acm          *autocert.Manager
 	issueBackoff backoff
+	ipm          *ipACME // -acme-ip-certs instead of acm
 
 	m         *tlsMetrics
 	closeOnce sync.Once
@@ -177,6 +181,9 @@ func New(cfg Config) (*Provider, error) {
 	if cfg.DERPPublicKey == ([32]byte{}) {
 		return nil, errors.New("certs: DERP public key: required (zero key)")
 	}
+	if cfg.ACMEIPCerts && cfg.Mode != ModeLetsEncrypt {
+		return nil, errors.New("certs: acme-ip-certs: needs -certmode letsencrypt")
+	}
 	if (cfg.EABKeyID == "") != (cfg.EABKey == "") {
 		return nil, errors.New("certs: acme-eab-kid and acme-eab-key: set both or neither")
 	}
@@ -206,6 +213,11 @@ func New(cfg Config) (*Provider, error) {
 		return nil, err
 	}
 	p.m = newTLSMetrics(cfg.Metrics, p)
+	if p.ipm != nil {
+		if c := p.ipm.cur.Load(); c != nil { // from the cache
+			p.m.noteExpiryLeaf(cfg.Hostname, c.Leaf)
+		}
+	}
 	if cfg.Mode == ModeManual {
 		p.startWatch()
 	}
@@ -248,7 +260,7 @@ func checkDir(dir string, needWrite bool) error {
 // that returns the current chain with the DERP meta certificate appended.
 func (p *Provider) TLSConfig() *tls.Config {
 	protos := []string{"http/1.1"}
-	if p.acm != nil {
+	if p.acm != nil || p.ipm != nil {
 		protos = append(protos, acme.ALPNProto)
 	}
 	return &tls.Config{
@@ -263,6 +275,9 @@ func (p *Provider) TLSConfig() *tls.Config {
 func (p *Provider) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
 	if p.acm != nil {
 		return p.getACME(hello)
+	}
+	if p.ipm != nil {
+		return p.ipm.getCertificate(hello)
 	}
 	if !p.hostIsIP && hello.ServerName != "" && !strings.EqualFold(strings.TrimSuffix(hello.ServerName, "."), p.cfg.Hostname) {
 		return nil, fmt.Errorf("%w: %q", ErrNoCertificate, hello.ServerName)
@@ -282,6 +297,9 @@ func (p *Provider) withMeta(c *tls.Certificate) *tls.Certificate {
 // letsencrypt mode (calling it is what enables HTTP-01), everything else to
 // fallback. In manual mode it returns fallback itself.
 func (p *Provider) HTTPHandler(fallback http.Handler) http.Handler {
+	if p.ipm != nil {
+		return p.ipm.httpHandler(fallback)
+	}
 	if p.acm == nil {
 		return fallback
 	}
@@ -342,6 +360,9 @@ func (p *Provider) Mode() string { return p.cfg.Mode }
 func (p *Provider) Close() error {
 	p.closeOnce.Do(func() {
 		p.closed.Store(true)
+		if p.ipm != nil {
+			p.ipm.close()
+		}
 		if p.watchStop != nil {
 			close(p.watchStop)
 			<-p.watchDone
@@ -354,6 +375,12 @@ func (p *Provider) Close() error {
 // host name now, so the first client does not wait for ACME. The daemon calls
 // it in the background once its listeners are up.
 func (p *Provider) Prefetch(ctx context.Context) error {
+	if p.ipm != nil {
+		if err := p.ipm.prefetch(ctx); err != nil {
+			return fmt.Errorf("certs: obtain certificate for %s: %w", p.cfg.Hostname, err)
+		}
+		return nil
+	}
 	if p.acm == nil {
 		return nil
 	}

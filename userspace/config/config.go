@@ -75,6 +75,9 @@ type Config struct {
 	ACMEDirectory string
 	// ACMEEmail, EABKeyID and EABKey configure the ACME account.
 	ACMEEmail, EABKeyID, EABKey string
+	// ACMEIPCerts obtains the ACME certificate for an IP -hostname
+	// (derper's -acme-ip-certs).
+	ACMEIPCerts bool
 	// Home selects the root page (-home): "" built-in, "blank", or an
 	// http(s) URL to redirect to.
 	Home string
@@ -185,11 +188,12 @@ func NewFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 	fs.StringVar(&c.KeyFile, "c", "", "server key file in derper's format {\"PrivateKey\":\"privkey:<hex>\"}; created (0600) if missing; default "+DefaultKeyPath+" (a fresh key with -dev)")
 	fs.BoolVar(&c.Dev, "dev", false, "development mode: plain HTTP on "+DevAddr+", STUN on 127.0.0.1:3478, fresh key")
 	fs.BoolVar(&c.PrintVersion, "version", false, "print the version and exit")
-	fs.StringVar(&c.Hostname, "hostname", "", "TLS host name (a DNS name, or an IP address for a self-signed certificate with -certmode=manual)")
+	fs.StringVar(&c.Hostname, "hostname", "", "TLS host name (a DNS name, or an IP address: self-signed with -certmode=manual, CA-issued with -acme-ip-certs)")
 	fs.StringVar(&c.CertMode, "certmode", "letsencrypt", "certificate mode: letsencrypt (ACME) or manual")
 	fs.StringVar(&c.CertDir, "certdir", DefaultCertDir, "ACME cache directory, or where manual <hostname>.crt/.key live")
 	fs.StringVar(&c.ACMEDirectory, "acme-directory", "", "ACME directory URL (default Let's Encrypt)")
 	fs.StringVar(&c.ACMEEmail, "acme-email", "", "ACME account contact e-mail")
+	fs.BoolVar(&c.ACMEIPCerts, "acme-ip-certs", false, "with -certmode=letsencrypt and an IP -hostname: obtain a CA-issued certificate for that address (ACME IP identifier, the CA's short-lived profile), renewed when a third of its life is left")
 	fs.StringVar(&c.EABKeyID, "acme-eab-kid", "", "ACME External Account Binding key ID")
 	fs.StringVar(&c.EABKey, "acme-eab-key", "", "ACME External Account Binding HMAC key (base64url)")
 	fs.StringVar(&c.Home, "home", "", "root page: empty for the built-in page, 'blank' for an empty page, or an http(s) URL to redirect to")
@@ -322,10 +326,17 @@ func (c *Config) Validate() error {
 			return fieldErr("certdir", "required when serving TLS")
 		}
 		if c.CertMode == "letsencrypt" {
-			if _, err := netip.ParseAddr(c.Hostname); err == nil {
-				return fieldErr("hostname", "%q is an IP address; ACME needs a DNS name (use -certmode=manual for a self-signed IP certificate)", c.Hostname)
+			_, err := netip.ParseAddr(c.Hostname)
+			switch isIP := err == nil; {
+			case isIP && !c.ACMEIPCerts:
+				return fieldErr("hostname", "%q is an IP address; ACME certificates for an IP need -acme-ip-certs (or use -certmode=manual for a self-signed IP certificate)", c.Hostname)
+			case !isIP && c.ACMEIPCerts:
+				return fieldErr("acme-ip-certs", "needs -hostname to be this node's IP address (a DNS name gets its certificate without the flag)")
 			}
 		}
+	}
+	if c.ACMEIPCerts && c.CertMode != "letsencrypt" {
+		return fieldErr("acme-ip-certs", "needs -certmode=letsencrypt")
 	}
 	if c.ACMEDirectory != "" {
 		u, err := url.Parse(c.ACMEDirectory)
@@ -504,7 +515,6 @@ var derperOnly = map[string]string{
 	"secrets-cache-dir":               "use -mesh-psk-file for the mesh key",
 	"unpublished-bootstrap-dns-names": "unpublished names with TXT rollout percentages are not supported; use -bootstrap-dns-names",
 	"ace":                             "the CONNECT proxy is not supported",
-	"acme-ip-certs":                   "use -certmode=manual with an IP -hostname for a pinned self-signed certificate",
 }
 
 func rejectDerperOnly(args []string) error {

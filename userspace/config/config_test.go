@@ -57,6 +57,21 @@ func TestTLSNeedsHostname(t *testing.T) {
 	assertField(t, err, "hostname")
 }
 
+func TestACMEIPCerts(t *testing.T) {
+	c, err := Parse([]string{"-a", ":443", "-hostname", "192.0.2.1", "-acme-ip-certs"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.ACMEIPCerts || c.CertMode != "letsencrypt" {
+		t.Errorf("acme-ip-certs %v, certmode %q", c.ACMEIPCerts, c.CertMode)
+	}
+	// Only for an IP host name, and only with ACME.
+	_, err = Parse([]string{"-a", ":443", "-hostname", "derp.example.com", "-acme-ip-certs"}, io.Discard)
+	assertField(t, err, "acme-ip-certs")
+	_, err = Parse([]string{"-a", ":443", "-hostname", "192.0.2.1", "-certmode", "manual", "-acme-ip-certs"}, io.Discard)
+	assertField(t, err, "acme-ip-certs")
+}
+
 func TestBadFlagsNameTheField(t *testing.T) {
 	dir := t.TempDir()
 	badKey := filepath.Join(dir, "mesh.key")
@@ -237,7 +252,7 @@ func TestConfigFile(t *testing.T) {
 }
 
 func TestDerperOnlyFlagsAreNamed(t *testing.T) {
-	for _, name := range []string{"unpublished-bootstrap-dns-names", "ace", "acme-ip-certs"} {
+	for _, name := range []string{"unpublished-bootstrap-dns-names", "ace", "secrets-url"} {
 		_, err := Parse([]string{"-a", ":1", "-" + name}, io.Discard)
 		assertField(t, err, name)
 	}
