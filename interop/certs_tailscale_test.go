@@ -448,14 +448,23 @@ func TestCertsTailscaleManualReload(t *testing.T) {
 // renewed before it expires.
 func TestCertsTailscaleACMEIPCert(t *testing.T) {
 	const shortlived = 60 // seconds
-	for _, viaHTTP := range []bool{true, false} {
-		name := "tls-alpn-01"
-		if viaHTTP {
-			name = "http-01"
-		}
-		t.Run(name, func(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// port80: the port-80 listener exists (HTTP-01 is tried first);
+		// reachable: the CA's validator reaches it.
+		port80, reachable bool
+	}{
+		{"http-01", true, true},
+		{"tls-alpn-01", false, false},
+		{"http-01 blocked, tls-alpn-01", true, false},
+	} {
+		viaHTTP := tc.port80 && tc.reachable
+		t.Run(tc.name, func(t *testing.T) {
 			tlsLn, tlsPort := certsListen(t)
 			httpLn, httpPort := certsListen(t)
+			if !tc.reachable {
+				httpPort = certsFreePort(t) // the validator's HTTP-01 request finds nothing
+			}
 			pb := certsStartPebble(t, certsPebbleOpts{httpPort: httpPort, tlsPort: tlsPort, shortlived: shortlived})
 			dir := filepath.Join(t.TempDir(), "acme")
 			reg := metrics.NewRegistry()
@@ -464,7 +473,7 @@ func TestCertsTailscaleACMEIPCert(t *testing.T) {
 				// Renew 10 s after issuance, so the test sees a renewal.
 				RenewBefore: (shortlived - 10) * time.Second}, tlsLn)
 			var challenges atomic.Int32
-			if viaHTTP {
+			if tc.port80 {
 				h := p.HTTPHandler(http.NotFoundHandler())
 				httpSrv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 					if strings.HasPrefix(r.URL.Path, "/.well-known/acme-challenge/") {
@@ -477,7 +486,9 @@ func TestCertsTailscaleACMEIPCert(t *testing.T) {
 			} else {
 				httpLn.Close()
 			}
-			ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+			// Well below the 1 min backoff: a blocked HTTP-01 must be
+			// followed at once by TLS-ALPN-01.
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 			if err := p.Prefetch(ctx); err != nil {
 				t.Fatal(err)

@@ -35,7 +35,8 @@ import (
 // with a 1 min to 30 min backoff, and cached in the certificate directory
 // so a restart serves at once. Validation is HTTP-01 through the port-80
 // listener, or TLS-ALPN-01 on the TLS port when there is no port-80
-// listener.
+// listener; an order that failed by HTTP-01 is retried at once by
+// TLS-ALPN-01 before backing off.
 
 const (
 	// ipProfile is the ACME profile asked for when the CA offers it.
@@ -58,6 +59,9 @@ type ipACME struct {
 	lastErr atomic.Pointer[error]           // the last failed issuance, for handshakes meanwhile
 
 	http01 atomic.Bool // HTTPHandler was asked for: validate over HTTP-01
+	// altALPN: an order by HTTP-01 failed, so the next one, at once, tries
+	// TLS-ALPN-01 (port 80 may be firewalled while 443 is open). Loop-owned.
+	altALPN bool
 
 	chMu   sync.Mutex
 	tokens map[string]string           // HTTP-01 token -> key authorization
@@ -125,10 +129,12 @@ func (m *ipACME) close() {
 // renewAt is when c should be replaced: RenewBefore before expiry if set,
 // else when a third of its lifetime is left.
 func (m *ipACME) renewAt(c *tls.Certificate) time.Time {
-	if d := m.p.cfg.RenewBefore; d > 0 {
+	life := c.Leaf.NotAfter.Sub(c.Leaf.NotBefore)
+	if d := m.p.cfg.RenewBefore; d > 0 && d < life {
 		return c.Leaf.NotAfter.Add(-d)
 	}
-	life := c.Leaf.NotAfter.Sub(c.Leaf.NotBefore)
+	// Also when RenewBefore is longer than the CA's lifetime, which
+	// would otherwise mean renewing all the time.
 	return c.Leaf.NotAfter.Add(-life / 3)
 }
 
@@ -156,9 +162,17 @@ func (m *ipACME) loop() {
 			}
 			if err != nil {
 				m.lastErr.Store(&err)
-				delay = min(max(2*delay, minIssueBackoff), maxIssueBackoff)
-				wait = delay
-				m.p.log.Error("ACME certificate for the IP address not obtained; retrying", "ip", m.ip, "retry_in", delay, "err", err)
+				if m.http01.Load() && !m.altALPN {
+					// HTTP-01 failed (port 80 firewalled?): try
+					// TLS-ALPN-01 at once before backing off.
+					m.altALPN = true
+					wait = time.Second
+				} else {
+					m.altALPN = false
+					delay = min(max(2*delay, minIssueBackoff), maxIssueBackoff)
+					wait = delay
+				}
+				m.p.log.Error("ACME certificate for the IP address not obtained; retrying", "ip", m.ip, "retry_in", wait, "err", err)
 			} else {
 				delay = 0
 				m.lastErr.Store(nil)
@@ -251,7 +265,7 @@ func (m *ipACME) authorize(ctx context.Context, u string) error {
 		return nil
 	}
 	want := "tls-alpn-01"
-	if m.http01.Load() {
+	if m.http01.Load() && !m.altALPN {
 		want = "http-01"
 	}
 	var chal *acme.Challenge
