@@ -2,6 +2,7 @@ package interop
 
 import (
 	"encoding/json"
+	"io"
 	"net/http"
 	"net/netip"
 	"testing"
@@ -44,5 +45,51 @@ func TestBootstrapDNS(t *testing.T) {
 			t.Fatalf("no addresses for localhost within 10 s (last answer %v, %v)", m, err)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestBootstrapDNSUnpublished: an -unpublished-bootstrap-dns-names name is
+// answered to a query for it and left out of the full answer, on xderpd
+// and on derper. (No TXT record: the name is rolled out to every client.)
+func TestBootstrapDNSUnpublished(t *testing.T) {
+	s := startServer(t, target.Options{ExtraArgs: []string{"-unpublished-bootstrap-dns-names", "localhost"}})
+	get := func(q string) (map[string][]netip.Addr, string) {
+		t.Helper()
+		resp, err := http.Get(s.HTTPURL() + "/bootstrap-dns" + q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		var m map[string][]netip.Addr
+		json.Unmarshal(body, &m)
+		return m, string(body)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		m, body := get("?q=localhost")
+		if len(m["localhost"]) > 0 {
+			if len(m) != 1 {
+				t.Errorf("answer %s, want localhost only", body)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no addresses for localhost within 10 s (last answer %q)", body)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if m, body := get(""); len(m) != 0 {
+		t.Errorf("the full answer %q lists the unpublished name", body)
+	}
+	if m, body := get("?q=other.example"); len(m) != 0 {
+		t.Errorf("a query for another name got %q", body)
+	}
+	if kind != "reference" {
+		for name, atLeast := range map[string]float64{"bootstrap_dns_unpublished_hits": 1, "bootstrap_dns_unpublished_misses": 1} {
+			if v, err := s.Metric(t.Context(), name); err != nil || v < atLeast {
+				t.Errorf("%s = %v (%v), want at least %v", name, v, err, atLeast)
+			}
+		}
 	}
 }

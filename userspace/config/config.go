@@ -87,6 +87,10 @@ type Config struct {
 	// BootstrapDNSNames are resolved and served at /bootstrap-dns
 	// (-bootstrap-dns-names).
 	BootstrapDNSNames []string
+	// UnpublishedBootstrapDNSNames are answered only to ?q=name, to the
+	// share of clients a rollout percentage selects: "name" or
+	// "name/txtname" (percentage 0-100 in txtname's TXT record).
+	UnpublishedBootstrapDNSNames []string
 	// RateConfigFile is derper's -rate-config: a JSON file holding the
 	// per-client receive limit, re-read on SIGHUP. RateLimit is what it
 	// says (zero without the file).
@@ -204,6 +208,10 @@ func NewFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 	})
 	fs.Func("bootstrap-dns-names", "comma-separated host names resolved every 10 minutes and served at /bootstrap-dns, for clients whose DNS fails", func(s string) error {
 		c.BootstrapDNSNames = splitList(s)
+		return nil
+	})
+	fs.Func("unpublished-bootstrap-dns-names", "comma-separated names served at /bootstrap-dns only when asked for (?q=name): name, or name/txtname to answer the share of clients given by txtname's TXT record (0-100)", func(s string) error {
+		c.UnpublishedBootstrapDNSNames = splitList(s)
 		return nil
 	})
 	fs.StringVar(&c.RateConfigFile, "rate-config", "", `JSON file with derper's per-client receive limit, {"PerClientRateLimitBytesPerSec":N,"PerClientRateBurstBytes":M} (N 0: no limit); re-read on SIGHUP`)
@@ -357,8 +365,14 @@ func (c *Config) Validate() error {
 		return fieldErr("home", "%q is not empty, 'blank' or an http(s) URL", c.Home)
 	}
 	for _, n := range c.BootstrapDNSNames {
-		if strings.ContainsAny(n, "/: \t") || strings.Trim(n, ".") == "" {
+		if !isHostName(n) {
 			return fieldErr("bootstrap-dns-names", "%q is not a host name", n)
+		}
+	}
+	for _, e := range c.UnpublishedBootstrapDNSNames {
+		name, txt, hasTXT := strings.Cut(e, "/")
+		if !isHostName(name) || hasTXT && !isHostName(txt) {
+			return fieldErr("unpublished-bootstrap-dns-names", "%q is not a host name or name/txtname", e)
 		}
 	}
 	if c.VerifyClientURL != "" {
@@ -477,6 +491,11 @@ func ReadMeshKey(path string) (string, error) {
 	return strings.ToLower(k), nil
 }
 
+// isHostName reports whether n can be looked up as a DNS name.
+func isHostName(n string) bool {
+	return !strings.ContainsAny(n, "/: \t") && strings.Trim(n, ".") != ""
+}
+
 // RateLimit is the per-client receive limit of -rate-config.
 type RateLimit struct {
 	BytesPerSec uint64 // 0: no limit
@@ -510,11 +529,10 @@ func ReadRateConfig(path string) (RateLimit, error) {
 // derperOnly lists derper flags xderp does not implement, with the reason,
 // so a derper command line that relies on one fails with a clear message.
 var derperOnly = map[string]string{
-	"secrets-url":                     "use -mesh-psk-file for the mesh key",
-	"secrets-path-prefix":             "use -mesh-psk-file for the mesh key",
-	"secrets-cache-dir":               "use -mesh-psk-file for the mesh key",
-	"unpublished-bootstrap-dns-names": "unpublished names with TXT rollout percentages are not supported; use -bootstrap-dns-names",
-	"ace":                             "the CONNECT proxy is not supported",
+	"secrets-url":         "use -mesh-psk-file for the mesh key",
+	"secrets-path-prefix": "use -mesh-psk-file for the mesh key",
+	"secrets-cache-dir":   "use -mesh-psk-file for the mesh key",
+	"ace":                 "the CONNECT proxy is not supported",
 }
 
 func rejectDerperOnly(args []string) error {

@@ -142,6 +142,20 @@ func TestVerifyClients(t *testing.T) {
 	}
 }
 
+func TestUnpublishedBootstrapDNSNames(t *testing.T) {
+	c, err := Parse([]string{"-a", ":1", "-unpublished-bootstrap-dns-names", "controlplane.example.com,log.example.com/log-rollout.example.com"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.UnpublishedBootstrapDNSNames) != 2 || c.UnpublishedBootstrapDNSNames[1] != "log.example.com/log-rollout.example.com" {
+		t.Errorf("%q", c.UnpublishedBootstrapDNSNames)
+	}
+	for _, bad := range []string{"a.example/", "/b.example", "a.example/b/c", "a:b"} {
+		_, err := Parse([]string{"-a", ":1", "-unpublished-bootstrap-dns-names", bad}, io.Discard)
+		assertField(t, err, "unpublished-bootstrap-dns-names")
+	}
+}
+
 func TestRateConfig(t *testing.T) {
 	dir := t.TempDir()
 	write := func(name, body string) string {
@@ -252,7 +266,7 @@ func TestConfigFile(t *testing.T) {
 }
 
 func TestDerperOnlyFlagsAreNamed(t *testing.T) {
-	for _, name := range []string{"unpublished-bootstrap-dns-names", "ace", "secrets-url"} {
+	for _, name := range []string{"secrets-path-prefix", "ace", "secrets-url"} {
 		_, err := Parse([]string{"-a", ":1", "-" + name}, io.Discard)
 		assertField(t, err, name)
 	}

@@ -99,7 +99,7 @@ func New(cfg *config.Config, opts Options) (*Daemon, error) {
 	}
 	d.key = key
 	d.metricsAllow.Store(&cfg.MetricsAllow)
-	d.bootstrap = newBootstrapDNS(cfg.BootstrapDNSNames, d.log.With("component", "bootstrap-dns"), d.reg)
+	d.bootstrap = newBootstrapDNS(cfg.BootstrapDNSNames, cfg.UnpublishedBootstrapDNSNames, d.log.With("component", "bootstrap-dns"), d.reg)
 	if cfg.TLS() && d.tlsConf == nil {
 		if d.certs, err = newCertProvider(cfg, key, d.log, d.reg); err != nil {
 			return nil, err
