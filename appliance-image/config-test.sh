@@ -60,6 +60,9 @@ printf 'HOSTNAME=a.example\nSTUN_PORT=70000\n' >"$T/port.conf";  expect_err port
 printf 'HOSTNAME=a.example\nMESH_WITH=b.example\n' >"$T/meshpsk.conf"; expect_err meshpsk 'MESH_PSK is empty'
 printf 'HOSTNAME=a.example\nNET_GATEWAY=192.0.2.1\n' >"$T/gw.conf"; expect_err gw 'NET_ADDRESS is not'
 printf 'HOSTNAME=a.example\nEXTRA_ARGS=-x; reboot\n' >"$T/shell.conf"; expect_err shell 'EXTRA_ARGS: shell characters'
+printf 'HOSTNAME=a.example\nEXTRA_ARGS=-home blank --verify-clients\n' >"$T/vc.conf"; expect_err vc 'EXTRA_ARGS: -verify-clients needs a tailscaled'
+printf 'HOSTNAME=a.example\nEXTRA_ARGS=-verify-client-url https://admit.example/derp\n' >"$T/vcu.conf"
+expect_ok vcu run/xderpd.env '-verify-client-url https://admit.example/derp'
 
 echo "config-test: $fails failed"
 [ $fails = 0 ]
