@@ -3,6 +3,7 @@ package interop
 import (
 	"context"
 	"io"
+	"math"
 	"net/http"
 	"slices"
 	"strings"
@@ -98,6 +99,8 @@ var derperNames = map[string]dto.MetricType{
 	"derp_peer_gone_not_here_frames":     dto.MetricType_COUNTER,
 	"stun_requests":                      dto.MetricType_COUNTER,
 	"derp_buffered_write_frames":         dto.MetricType_HISTOGRAM,
+	"derp_mesh_update_batch_size":        dto.MetricType_HISTOGRAM,
+	"derp_mesh_update_loop_count":        dto.MetricType_HISTOGRAM,
 	// The standard process collector's, which derper exports too.
 	"process_cpu_seconds_total":     dto.MetricType_COUNTER,
 	"process_resident_memory_bytes": dto.MetricType_GAUGE,
@@ -110,6 +113,13 @@ var derperNames = map[string]dto.MetricType{
 	"go_memstats_heap_inuse_bytes":  dto.MetricType_GAUGE,
 	"go_memstats_alloc_bytes_total": dto.MetricType_COUNTER,
 	"go_memstats_sys_bytes":         dto.MetricType_GAUGE,
+}
+
+// derperBuckets are the upper bounds (without +Inf) of derper's histograms.
+var derperBuckets = map[string][]float64{
+	"derp_buffered_write_frames":  {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 20, 25, 50, 100},
+	"derp_mesh_update_batch_size": {0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000},
+	"derp_mesh_update_loop_count": {0, 1, 2, 5, 10, 20, 50, 100},
 }
 
 func TestMetrics(t *testing.T) {
@@ -170,6 +180,23 @@ func TestMetrics(t *testing.T) {
 					if !reasons[r] {
 						t.Errorf("derp_packets_dropped has no reason=%q (derper's reasons must all be present from the start)", r)
 					}
+				}
+			}
+			// Histograms have derper's buckets (checked against derper's
+			// page too, which keeps these lists honest).
+			for name, want := range derperBuckets {
+				f := fams[name]
+				if f == nil || f.GetType() != dto.MetricType_HISTOGRAM || len(f.Metric) == 0 {
+					continue // reported above
+				}
+				var got []float64
+				for _, b := range f.Metric[0].GetHistogram().GetBucket() {
+					if ub := b.GetUpperBound(); !math.IsInf(ub, 1) {
+						got = append(got, ub)
+					}
+				}
+				if !slices.Equal(got, want) {
+					t.Errorf("%s buckets %v, want %v", name, got, want)
 				}
 			}
 			// derper's derp_tcp_rtt appears with its first sample (after

@@ -786,6 +786,9 @@ func (c *sclient) writeLoop() {
 		pktsCap  = s.opts.QueueDepth + s.opts.DiscoQueueDepth
 		sentPk   uint64
 		sentByte uint64
+		// meshLoops counts the batches with presence frames taken since
+		// the last batch without any (derp_mesh_update_loop_count).
+		meshLoops uint64
 	)
 	batch.pkts = make([]*packet, 0, pktsCap)
 	defer func() {
@@ -847,6 +850,10 @@ func (c *sclient) writeLoop() {
 		batch.keepAlive = c.keepAliveDue
 		c.keepAliveDue = false
 		if batch.empty() {
+			if meshLoops > 0 {
+				s.m.meshUpdateLoops.Observe(meshLoops)
+				meshLoops = 0
+			}
 			spare, batch.ctrl = batch.ctrl[:0], nil
 			if c.closeAfter {
 				c.closeAfter = false
@@ -896,6 +903,15 @@ func (c *sclient) writeLoop() {
 		}
 		c.mu.Unlock()
 		busy = true
+		if c.canMesh {
+			if n := presenceFrames(batch.ctrl); n > 0 {
+				s.m.meshUpdateBatch.Observe(n)
+				meshLoops++
+			} else if meshLoops > 0 {
+				s.m.meshUpdateLoops.Observe(meshLoops)
+				meshLoops = 0
+			}
+		}
 
 		if bufp == nil {
 			bufp = writeBufPool.Get().(*[]byte)
@@ -922,6 +938,17 @@ func (c *sclient) writeLoop() {
 }
 
 var crWriteErrorStr = crWriteError
+
+// presenceFrames counts the PeerPresent and PeerGone messages in ctrl.
+func presenceFrames(ctrl []ctrlMsg) uint64 {
+	var n uint64
+	for i := range ctrl {
+		if t := ctrl[i].typ; t == derp.FramePeerPresent || t == derp.FramePeerGone {
+			n++
+		}
+	}
+	return n
+}
 
 // write writes all of b, waiting for socket space under the write
 // deadline: on a plain socket without the scheduler's system-call

@@ -93,6 +93,15 @@ func TestWatchConns(t *testing.T) {
 	if k != b.pub || r != derp.PeerGoneDisconnected {
 		t.Fatal("PeerGone to watcher")
 	}
+	// derper's mesh update histograms: the five presence frames the
+	// watcher got (two in the flood, b, b2, b gone) in some batches, and
+	// every such batch counted in one drain or another.
+	ts.waitMetric("derp_mesh_update_batch_size_sum", func(v float64) bool { return v == 5 })
+	batches := ts.metric("derp_mesh_update_batch_size_count")
+	ts.waitMetric("derp_mesh_update_loop_count_sum", func(v float64) bool { return v == batches })
+	if batches < 1 || batches > 5 {
+		t.Errorf("%v batches for 5 presence frames", batches)
+	}
 }
 
 func TestWrongMeshKeyIsRegularClient(t *testing.T) {

@@ -112,6 +112,8 @@ type serverMetrics struct {
 	keepAlives            *metrics.Counter
 	controlQueueOverflows *metrics.Counter
 	bufferedWriteFrames   *metrics.Histogram
+	meshUpdateBatch       *metrics.Histogram                    // presence frames per batch a mesh watcher's writer takes
+	meshUpdateLoops       *metrics.Histogram                    // such batches per drain
 	rtt                   [len(rttBuckets) + 1]*metrics.Counter // by rttBucket
 	rttNonTCP             *metrics.Counter
 	rttErrors             *metrics.Counter
@@ -189,6 +191,11 @@ func (s *Server) registerMetrics(r *metrics.Registry) {
 	}
 	m.bufferedWriteFrames = r.Histogram("derp_buffered_write_frames", "Frames per write to client connections (a writer goroutine's batched write, or a packet written inline, one frame)",
 		0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 20, 25, 50, 100)
+	// derper's names and buckets for its mesh watchers' presence updates.
+	m.meshUpdateBatch = r.Histogram("derp_mesh_update_batch_size", "PeerPresent/PeerGone frames in one batch a mesh watcher's writer takes from its queue",
+		0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+	m.meshUpdateLoops = r.Histogram("derp_mesh_update_loop_count", "Batches with presence frames a mesh watcher's writer takes before its queue has none",
+		0, 1, 2, 5, 10, 20, 50, 100)
 	rtt := r.CounterVec("derp_tcp_rtt", "TCP round-trip time samples of established connections (every 10 s by default), by upper bound (non-cumulative); non-tcp: connections without a TCP socket (once each); error: failed reads", "le")
 	for i, b := range rttBuckets {
 		m.rtt[i] = rtt.With(b.label)
