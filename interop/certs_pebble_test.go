@@ -50,10 +50,11 @@ type certsPebbleOpts struct {
 }
 
 type certsPebble struct {
-	dirURL string
-	client *http.Client       // trusts Pebble's own TLS server
-	roots  *x509.CertPool     // Pebble's issuing root
-	logs   *certsLockedWriter // Pebble's log, shown on failure
+	dirURL     string
+	serverCert *x509.Certificate  // of the ACME API's own HTTPS server
+	client     *http.Client       // trusts Pebble's own TLS server
+	roots      *x509.CertPool     // Pebble's issuing root
+	logs       *certsLockedWriter // Pebble's log, shown on failure
 }
 
 // startLoopbackDNS answers A queries for every name with 127.0.0.1 and
@@ -115,7 +116,7 @@ func certsStartPebble(t *testing.T, o certsPebbleOpts) *certsPebble {
 	})
 	roots := x509.NewCertPool()
 	roots.AddCert(authority.GetRootCert(0).Cert)
-	return &certsPebble{dirURL: srv.URL + wfe.DirectoryPath, client: srv.Client(), roots: roots, logs: logs}
+	return &certsPebble{dirURL: srv.URL + wfe.DirectoryPath, serverCert: srv.Certificate(), client: srv.Client(), roots: roots, logs: logs}
 }
 
 type certsLockedWriter struct {

@@ -9,12 +9,14 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"encoding/pem"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -139,4 +141,53 @@ func waitHTTPS(t *testing.T, url string) {
 		}
 	}
 	t.Fatalf("%s not ready", url)
+}
+
+// TestDaemonACMEIPCert runs xderpd as an operator would for a node known
+// only by its address: -hostname <IP> -acme-ip-certs on port 443, the ACME
+// CA (Pebble) validating through the port-80 listener. Tailscale's client,
+// with a pin-free DERP map entry, trusts the served certificate through
+// Pebble's root.
+func TestDaemonACMEIPCert(t *testing.T) {
+	if kind != target.Xderpd {
+		t.Skip("derper cannot be pointed at another ACME directory than Let's Encrypt's")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("ACME mode serves TLS only on port 443, which needs root")
+	}
+	const host = "127.0.0.2" // loopback, and away from anything on 127.0.0.1:443
+	httpPort := certsFreePort(t)
+	pb := certsStartPebble(t, certsPebbleOpts{httpPort: httpPort, tlsPort: 443, shortlived: 3600})
+	// xderpd reaches Pebble's ACME API over HTTPS: trust its certificate.
+	caFile := filepath.Join(t.TempDir(), "pebble-api.pem")
+	if err := os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: pb.serverCert.Raw}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s := startServer(t, target.Options{
+		Host: host, Port: 443, ReadyWait: 60 * time.Second,
+		ClientTLS: &tls.Config{RootCAs: pb.roots},
+		Env:       []string{"SSL_CERT_FILE=" + caFile},
+		ExtraArgs: []string{"-hostname", host, "-certmode", "letsencrypt", "-acme-ip-certs",
+			"-acme-directory", pb.dirURL, "-certdir", filepath.Join(t.TempDir(), "certs"),
+			"-http-port", strconv.Itoa(httpPort)},
+	})
+	node := &tailcfg.DERPNode{Name: "900a", RegionID: 900, HostName: host, IPv4: host, IPv6: "none", STUNPort: -1}
+	a, aKey, err := certsDerpClient(t, node, &tls.Config{RootCAs: pb.roots})
+	if err != nil {
+		t.Fatalf("client trusting Pebble's root: %v\n%s", err, s.LogTail())
+	}
+	b, _, err := certsDerpClient(t, node, &tls.Config{RootCAs: pb.roots})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := certsExchange(a, aKey, b, "through an IP certificate"); err != nil {
+		t.Fatal(err)
+	}
+	leaf := certsTlsState(t, a).PeerCertificates[0]
+	if len(leaf.IPAddresses) != 1 || leaf.IPAddresses[0].String() != host {
+		t.Errorf("leaf for %v", leaf.IPAddresses)
+	}
+	if !strings.Contains(s.LogTail(), "ACME certificate for the IP address obtained") {
+		t.Errorf("no issuance line in the log:\n%s", s.LogTail())
+	}
 }

@@ -174,6 +174,8 @@ type Options struct {
 	// certificate flags): readiness and metrics are fetched over HTTPS with
 	// this client configuration.
 	ClientTLS *tls.Config
+	// Env is added to the server's environment.
+	Env []string
 }
 
 // Start runs bin (built for k) on free loopback ports and waits until GET
@@ -224,7 +226,7 @@ func Start(k Kind, bin string, o Options) (*Server, error) {
 		s.cmd.Stdout = logf
 		s.cmd.Stderr = logf
 		s.cmd.Dir = o.Dir
-		s.cmd.Env = append(os.Environ(), "HOME="+o.Dir, "XDG_CACHE_HOME="+o.Dir)
+		s.cmd.Env = append(append(os.Environ(), "HOME="+o.Dir, "XDG_CACHE_HOME="+o.Dir), o.Env...)
 		bindLifetime(s.cmd)
 		if err := s.cmd.Start(); err != nil {
 			logf.Close()
