@@ -23,7 +23,8 @@ import (
 // and then a webhook (-verify-client-url). A client is admitted only if
 // every configured check admits it.
 //
-// The webhook is wire-compatible with derper's: for each client that has proved its key, a POST of
+// The webhook is wire-compatible with derper's: for each client that has
+// proved its key, a POST of
 // {"NodePublic":"nodekey:<hex>","Source":"<client IP>"}; the client is
 // admitted only on a 200 answer whose JSON says {"Allow":true}. When the
 // webhook cannot be reached at all, -verify-client-url-fail-open decides.

@@ -138,13 +138,13 @@ func New(cfg *config.Config, opts Options) (*Daemon, error) {
 			rateLimit = &derpserver.RateLimit{BytesPerSec: cfg.RateLimit.BytesPerSec, BurstBytes: cfg.RateLimit.BurstBytes}
 		}
 		d.derp, err = derpserver.New(derpserver.Options{
-			RateLimit:    rateLimit,
 			PrivateKey:   key,
 			Logger:       d.log.With("component", "derp"),
 			Metrics:      d.reg,
 			WriteTimeout: writeTimeout,
 			MeshKey:      meshKey,
 			Admit:        admit,
+			RateLimit:    rateLimit,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("derp server: %w", err)
