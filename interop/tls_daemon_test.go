@@ -163,15 +163,28 @@ func TestDaemonACMEIPCert(t *testing.T) {
 	if err := os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: pb.serverCert.Raw}), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	acmeArgs := []string{"-hostname", host, "-certmode", "letsencrypt", "-acme-ip-certs",
+		"-acme-directory", pb.dirURL, "-certdir", filepath.Join(t.TempDir(), "certs")}
 	s := startServer(t, target.Options{
 		Host: host, Port: 443, ReadyWait: 60 * time.Second,
 		ClientTLS: &tls.Config{RootCAs: pb.roots},
 		Env:       []string{"SSL_CERT_FILE=" + caFile},
-		ExtraArgs: []string{"-hostname", host, "-certmode", "letsencrypt", "-acme-ip-certs",
-			"-acme-directory", pb.dirURL, "-certdir", filepath.Join(t.TempDir(), "certs"),
-			"-http-port", strconv.Itoa(httpPort)},
+		ExtraArgs: append(acmeArgs, "-http-port", strconv.Itoa(httpPort)),
 	})
-	node := &tailcfg.DERPNode{Name: "900a", RegionID: 900, HostName: host, IPv4: host, IPv6: "none", STUNPort: -1}
+	// The DERP map entry the operator pastes: the address, no pin.
+	out, err := exec.Command(binPath, append(acmeArgs, "-a", host+":443", "-stun-port", strconv.Itoa(s.STUNPort), "-print-derpmap")...).Output()
+	if err != nil {
+		t.Fatalf("-print-derpmap: %v", err)
+	}
+	var dm tailcfg.DERPMap
+	if err := json.Unmarshal(out, &dm); err != nil || dm.Regions[900] == nil {
+		t.Fatalf("-print-derpmap output is not a DERP map: %v\n%s", err, out)
+	}
+	node := dm.Regions[900].Nodes[0]
+	if node.CertName != "" || node.HostName != host || node.IPv4 != host || node.DERPPort != 0 {
+		t.Fatalf("DERP map node %+v: want HostName and IPv4 %s, port 443, no pin", node, host)
+	}
+	node.IPv6 = "none"
 	a, aKey, err := certsDerpClient(t, node, &tls.Config{RootCAs: pb.roots})
 	if err != nil {
 		t.Fatalf("client trusting Pebble's root: %v\n%s", err, s.LogTail())
