@@ -21,10 +21,10 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/xderp/xderp/userspace/internal/testlog"
 	"github.com/xderp/xderp/userspace/metrics"
 )
 
@@ -93,34 +93,16 @@ func install(t *testing.T, dir, host string, p pair) {
 	}
 }
 
-// syncBuffer is a goroutine-safe log sink.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 type testEnv struct {
 	p    *Provider
 	reg  *metrics.Registry
-	logs *syncBuffer
+	logs *testlog.Buffer
 	addr string
 }
 
-func baseConfig(t testing.TB, dir, host string) (Config, *metrics.Registry, *syncBuffer) {
+func baseConfig(t testing.TB, dir, host string) (Config, *metrics.Registry, *testlog.Buffer) {
 	reg := metrics.NewRegistry()
-	logs := &syncBuffer{}
+	logs := &testlog.Buffer{}
 	return Config{
 		Mode:          ModeManual,
 		Dir:           dir,
@@ -156,7 +138,7 @@ func serve(t *testing.T, p *Provider) string {
 	return ln.Addr().String()
 }
 
-func newEnv(t *testing.T, cfg Config, reg *metrics.Registry, logs *syncBuffer) *testEnv {
+func newEnv(t *testing.T, cfg Config, reg *metrics.Registry, logs *testlog.Buffer) *testEnv {
 	t.Helper()
 	p, err := New(cfg)
 	if err != nil {

@@ -20,6 +20,7 @@ import (
 
 	"github.com/xderp/xderp/userspace/derp"
 	"github.com/xderp/xderp/userspace/internal/lograte"
+	"github.com/xderp/xderp/userspace/internal/testlog"
 )
 
 func randBytes(n int) []byte {
@@ -522,7 +523,7 @@ func TestAdmission(t *testing.T) {
 // Refused clients are logged, but a stream of them cannot flood the log:
 // a burst is written, then one line per interval that counts the rest.
 func TestRefusalLogIsRateLimited(t *testing.T) {
-	var logs syncBuffer
+	var logs testlog.Buffer
 	ts := newTestServer(t, Options{
 		Logger: slog.New(slog.NewTextHandler(&logs, nil)),
 		Admit: func(context.Context, derp.PublicKey, *derp.ClientInfo, netip.AddrPort) error {
@@ -553,24 +554,6 @@ func TestRefusalLogIsRateLimited(t *testing.T) {
 		}
 		tryClient(t, ts.addr, clientOpts{})
 	}
-}
-
-// syncBuffer is a bytes.Buffer that a logger and a test may share.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 func TestKeepAliveAndHealth(t *testing.T) {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/xderp/xderp/userspace/derp"
 	"github.com/xderp/xderp/userspace/derpserver"
+	"github.com/xderp/xderp/userspace/internal/testlog"
 	"github.com/xderp/xderp/userspace/metrics"
 )
 
@@ -417,7 +418,7 @@ func TestRegionStuckPeerDoesNotBlockLocal(t *testing.T) {
 func TestRegionWrongMeshKey(t *testing.T) {
 	a := newNode(t, "a", testMeshKey)
 	b := newNode(t, "b", "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100")
-	var logs lockedBuffer
+	var logs testlog.Buffer
 	a.meshWith(func(o *Options) { o.Logger = slog.New(slog.NewTextHandler(&logs, nil)) }, b)
 	b.meshWith(nil, a)
 	ca := dialClient(t, a, mustKey(t), derp.MeshKey{})
@@ -461,21 +462,4 @@ func TestRegionWrongMeshKey(t *testing.T) {
 	if _, _, err := ca.recvData(100 * time.Millisecond); err == nil {
 		t.Error("forged ForwardPacket delivered")
 	}
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
