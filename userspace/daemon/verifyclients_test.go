@@ -72,15 +72,7 @@ func TestVerifyClientsThroughTailscaled(t *testing.T) {
 			if err != nil && !strings.Contains(err.Error(), tc.errHas) {
 				t.Errorf("error %q does not say %q", err, tc.errHas)
 			}
-			for r, c := range check.results {
-				want := uint64(0)
-				if r == tc.result {
-					want = 1
-				}
-				if c.Value() != want {
-					t.Errorf("result %s counted %d, want %d", r, c.Value(), want)
-				}
-			}
+			checkCountedOnce(t, check.results, tc.result)
 			if logged := strings.Contains(logs.String(), "tailscaled unreachable"); logged != (tc.result == admitUnreachable) {
 				t.Errorf("outage logged %v for %s: %q", logged, tc.result, logs.String())
 			}
