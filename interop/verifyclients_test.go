@@ -9,7 +9,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -53,7 +52,7 @@ func TestVerifyClients(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	var lcMu sync.Mutex
+	// relayLC is written once, before lcReady is closed.
 	lcReady := make(chan struct{})
 	var relayLC *local.Client
 	go func() {
@@ -65,10 +64,7 @@ func TestVerifyClients(t *testing.T) {
 			go func() {
 				defer c.Close()
 				<-lcReady
-				lcMu.Lock()
-				lc := relayLC
-				lcMu.Unlock()
-				api, err := lc.Dial(context.Background(), "tcp", "local-tailscaled.sock:80")
+				api, err := relayLC.Dial(context.Background(), "tcp", "local-tailscaled.sock:80")
 				if err != nil {
 					return
 				}
@@ -116,9 +112,7 @@ func TestVerifyClients(t *testing.T) {
 		return n, lc
 	}
 	_, lc := node("relay")
-	lcMu.Lock()
 	relayLC = lc
-	lcMu.Unlock()
 	close(lcReady)
 	_, peerLC := node("peer")
 
