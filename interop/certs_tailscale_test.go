@@ -162,6 +162,29 @@ func certsExchange(a *derphttp.Client, aKey key.NodePrivate, b *derphttp.Client,
 	}
 }
 
+// certsRelayTrusting checks that Tailscale's client refuses node's
+// certificate without roots and, trusting roots, relays payload between two
+// clients through it; it returns the two.
+func certsRelayTrusting(t *testing.T, node *tailcfg.DERPNode, roots *x509.CertPool, payload string) (a, b *derphttp.Client) {
+	t.Helper()
+	if _, _, err := certsDerpClient(t, node, nil); err == nil {
+		t.Fatal("client trusted a Pebble certificate without Pebble's root")
+	}
+	trust := &tls.Config{RootCAs: roots}
+	a, aKey, err := certsDerpClient(t, node, trust)
+	if err != nil {
+		t.Fatalf("client trusting Pebble's root: %v", err)
+	}
+	b, _, err = certsDerpClient(t, node, trust)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := certsExchange(a, aKey, b, payload); err != nil {
+		t.Fatal(err)
+	}
+	return a, b
+}
+
 func certsTlsState(t *testing.T, c *derphttp.Client) *tls.ConnectionState {
 	t.Helper()
 	cs, ok := c.TLSConnectionState()
@@ -245,22 +268,7 @@ func TestCertsTailscaleACMEIssued(t *testing.T) {
 
 	node := &tailcfg.DERPNode{Name: "900a", RegionID: 900, HostName: certsTestHost,
 		IPv4: "127.0.0.1", IPv6: "none", DERPPort: site.port, STUNPort: -1}
-	// Without Pebble's root the client refuses the certificate.
-	if _, _, err := certsDerpClient(t, node, nil); err == nil {
-		t.Fatal("client trusted a Pebble certificate without Pebble's root")
-	}
-	roots := &tls.Config{RootCAs: pb.roots}
-	a, aKey, err := certsDerpClient(t, node, roots)
-	if err != nil {
-		t.Fatalf("client trusting Pebble's root: %v", err)
-	}
-	b, _, err := certsDerpClient(t, node, roots)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := certsExchange(a, aKey, b, "issued by pebble"); err != nil {
-		t.Fatal(err)
-	}
+	a, _ := certsRelayTrusting(t, node, pb.roots, "issued by pebble")
 	leaf := certsTlsState(t, a).PeerCertificates[0]
 	if leaf.DNSNames[0] != certsTestHost || leaf.Issuer.CommonName == leaf.Subject.CommonName {
 		t.Errorf("leaf %v issued by %q", leaf.DNSNames, leaf.Issuer.CommonName)
@@ -503,21 +511,8 @@ func TestCertsTailscaleACMEIPCert(t *testing.T) {
 			}
 			node := &tailcfg.DERPNode{Name: dm.Name, RegionID: dm.RegionID, HostName: dm.HostName, IPv4: dm.IPv4, IPv6: "none",
 				DERPPort: site.port, STUNPort: -1}
-			if _, _, err := certsDerpClient(t, node, nil); err == nil {
-				t.Fatal("client trusted a Pebble certificate without Pebble's root")
-			}
+			a, b := certsRelayTrusting(t, node, pb.roots, "ip certificate")
 			roots := &tls.Config{RootCAs: pb.roots}
-			a, aKey, err := certsDerpClient(t, node, roots)
-			if err != nil {
-				t.Fatalf("client trusting Pebble's root: %v", err)
-			}
-			b, _, err := certsDerpClient(t, node, roots)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := certsExchange(a, aKey, b, "ip certificate"); err != nil {
-				t.Fatal(err)
-			}
 			leaf := certsTlsState(t, a).PeerCertificates[0]
 			if len(leaf.IPAddresses) != 1 || !leaf.IPAddresses[0].Equal(net.IPv4(127, 0, 0, 1)) || len(leaf.DNSNames) != 0 {
 				t.Errorf("leaf names IPs %v and DNS names %v, want only 127.0.0.1", leaf.IPAddresses, leaf.DNSNames)
