@@ -359,7 +359,6 @@ func (s *Server) Close() error {
 			conns = append(conns, nc)
 		}
 		for c := range s.clients {
-			c.connClosed.Store(true)
 			conns = append(conns, c.conn)
 		}
 		s.connsMu.Unlock()
