@@ -338,14 +338,13 @@ func (m *ipACME) check(der [][]byte, key crypto.Signer) (*tls.Certificate, error
 
 // save writes the key and chain to the cache file, 0600, atomically.
 func (m *ipACME) save(c *tls.Certificate) error {
-	kb, err := x509.MarshalPKCS8PrivateKey(c.PrivateKey)
+	kp, err := keyPEM(c.PrivateKey)
 	if err != nil {
 		return err
 	}
-	var b bytes.Buffer
-	pem.Encode(&b, &pem.Block{Type: "PRIVATE KEY", Bytes: kb})
+	b := bytes.NewBuffer(kp)
 	for _, d := range c.Certificate {
-		pem.Encode(&b, &pem.Block{Type: "CERTIFICATE", Bytes: d})
+		pem.Encode(b, &pem.Block{Type: "CERTIFICATE", Bytes: d})
 	}
 	return writeFileAtomic(m.file, b.Bytes(), 0o600)
 }
@@ -355,33 +354,15 @@ func (m *ipACME) loadCached() (*tls.Certificate, error) {
 	if err != nil {
 		return nil, err
 	}
-	var key crypto.Signer
-	var der [][]byte
-	for {
-		var blk *pem.Block
-		blk, b = pem.Decode(b)
-		if blk == nil {
-			break
-		}
-		switch blk.Type {
-		case "PRIVATE KEY":
-			k, err := x509.ParsePKCS8PrivateKey(blk.Bytes)
-			if err != nil {
-				return nil, err
-			}
-			s, ok := k.(crypto.Signer)
-			if !ok {
-				return nil, errors.New("unusable private key")
-			}
-			key = s
-		case "CERTIFICATE":
-			der = append(der, blk.Bytes)
-		}
+	c, err := tls.X509KeyPair(b, b) // the file holds the key and the chain
+	if err != nil {
+		return nil, err
 	}
-	if key == nil {
-		return nil, errors.New("no private key")
+	key, ok := c.PrivateKey.(crypto.Signer)
+	if !ok {
+		return nil, errors.New("unusable private key")
 	}
-	return m.check(der, key)
+	return m.check(c.Certificate, key)
 }
 
 // getCertificate serves the IP certificate, or a TLS-ALPN-01 challenge
@@ -487,12 +468,21 @@ func loadOrCreateKey(path string) (crypto.Signer, error) {
 	if err != nil {
 		return nil, err
 	}
-	kb, err := x509.MarshalPKCS8PrivateKey(k)
+	kp, err := keyPEM(k)
 	if err != nil {
 		return nil, err
 	}
-	if err := writeFileAtomic(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kb}), 0o600); err != nil {
+	if err := writeFileAtomic(path, kp, 0o600); err != nil {
 		return nil, err
 	}
 	return k, nil
+}
+
+// keyPEM encodes a private key as a PKCS #8 "PRIVATE KEY" PEM block.
+func keyPEM(key any) ([]byte, error) {
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return nil, err
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
 }

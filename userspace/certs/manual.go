@@ -242,13 +242,12 @@ func writeSelfSigned(crtPath, keyPath, host string, now time.Time) error {
 	if err != nil {
 		return fmt.Errorf("certs: self-signed certificate: %w", err)
 	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(priv)
+	kp, err := keyPEM(priv)
 	if err != nil {
 		return fmt.Errorf("certs: self-signed key: %w", err)
 	}
-	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})
 	crtPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
-	if err := writeFileAtomic(keyPath, keyPEM, 0o600); err != nil {
+	if err := writeFileAtomic(keyPath, kp, 0o600); err != nil {
 		return err
 	}
 	return writeFileAtomic(crtPath, crtPEM, 0o644)
