@@ -135,7 +135,8 @@ func New(cfg *config.Config, opts Options) (*Daemon, error) {
 		admit := chainAdmit(checks...)
 		var rateLimit *derpserver.RateLimit
 		if cfg.RateConfigFile != "" {
-			rateLimit = &derpserver.RateLimit{BytesPerSec: cfg.RateLimit.BytesPerSec, BurstBytes: cfg.RateLimit.BurstBytes}
+			rl := relayRateLimit(cfg)
+			rateLimit = &rl
 		}
 		d.derp, err = derpserver.New(derpserver.Options{
 			PrivateKey:   key,
@@ -298,6 +299,11 @@ func (d *Daemon) serve(srv *http.Server, ln net.Listener) {
 			d.errc <- err
 		}
 	}()
+}
+
+// relayRateLimit is cfg's -rate-config limit in the relay's terms.
+func relayRateLimit(cfg *config.Config) derpserver.RateLimit {
+	return derpserver.RateLimit{BytesPerSec: cfg.RateLimit.BytesPerSec, BurstBytes: cfg.RateLimit.BurstBytes}
 }
 
 // xdpNow returns the attached XDP program, or nil.
@@ -470,7 +476,7 @@ func (d *Daemon) Reload(next *config.Config) {
 	case d.derp != nil && d.cfg.RateConfigFile != "":
 		// Parse has re-read the file; a file that no longer parses
 		// refused the whole reload before this point.
-		rl := d.derp.SetRateLimit(derpserver.RateLimit{BytesPerSec: next.RateLimit.BytesPerSec, BurstBytes: next.RateLimit.BurstBytes})
+		rl := d.derp.SetRateLimit(relayRateLimit(next))
 		applied = append(applied, "rate-config")
 		d.log.Info("reload: per-client receive limit", "bytes_per_sec", rl.BytesPerSec, "burst_bytes", rl.BurstBytes)
 	case next.RateConfigFile != "":
