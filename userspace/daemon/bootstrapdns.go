@@ -117,36 +117,39 @@ func (b *bootstrapDNS) run(ctx context.Context) {
 	}
 }
 
-// refresh resolves every name. A name whose lookup fails keeps the
-// addresses it had, so a resolver outage does not empty the answer that
-// exists for the case where DNS fails.
+// refresh resolves every name (see resolve for a failed lookup).
 func (b *bootstrapDNS) refresh(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, bootstrapTimeout)
 	defer cancel()
 	prev, prevUnpub := b.cache.Load().addrs, b.cache.Load().unpub
 	next := make(map[string][]netip.Addr, len(b.names))
 	for _, name := range b.names {
-		addrs, err := b.lookup(ctx, name)
-		if err != nil || len(addrs) == 0 {
-			b.log.Warn("bootstrap DNS lookup failed; the previous addresses stay", "name", name, "err", err)
-			if old := prev[name]; len(old) > 0 {
-				next[name] = old
-			}
-			continue
+		if addrs := b.resolve(ctx, name, prev[name]); len(addrs) > 0 {
+			next[name] = addrs
 		}
-		for i, a := range addrs {
-			addrs[i] = a.Unmap()
-		}
-		// Shuffled once per refresh, as derper does, so that clients do
-		// not all pick the same (or always the IPv6) address.
-		rand.Shuffle(len(addrs), func(i, j int) { addrs[i], addrs[j] = addrs[j], addrs[i] })
-		next[name] = addrs
 	}
 	j, err := json.Marshal(next)
 	if err != nil {
 		return
 	}
 	b.cache.Store(&bootstrapAnswer{addrs: next, json: j, unpub: b.refreshUnpublished(ctx, prevUnpub)})
+}
+
+// resolve looks name up; when that fails it keeps old, so a resolver
+// outage does not empty the answer meant for clients whose DNS fails.
+func (b *bootstrapDNS) resolve(ctx context.Context, name string, old []netip.Addr) []netip.Addr {
+	addrs, err := b.lookup(ctx, name)
+	if err != nil || len(addrs) == 0 {
+		b.log.Warn("bootstrap DNS lookup failed; the previous addresses stay", "name", name, "err", err)
+		return old
+	}
+	for i, a := range addrs {
+		addrs[i] = a.Unmap()
+	}
+	// Shuffled once per refresh, as derper does, so that clients do not
+	// all pick the same (or always the IPv6) address.
+	rand.Shuffle(len(addrs), func(i, j int) { addrs[i], addrs[j] = addrs[j], addrs[i] })
+	return addrs
 }
 
 // refreshUnpublished resolves the unpublished names and their rollout
@@ -156,16 +159,7 @@ func (b *bootstrapDNS) refreshUnpublished(ctx context.Context, prev map[string]u
 	out := make(map[string]unpublishedEntry, len(b.unpub))
 	for _, u := range b.unpub {
 		old := prev[u.name]
-		e := unpublishedEntry{addrs: old.addrs, percent: old.percent}
-		if addrs, err := b.lookup(ctx, u.name); err != nil || len(addrs) == 0 {
-			b.log.Warn("bootstrap DNS lookup failed; the previous addresses stay", "name", u.name, "err", err)
-		} else {
-			for i, a := range addrs {
-				addrs[i] = a.Unmap()
-			}
-			rand.Shuffle(len(addrs), func(i, j int) { addrs[i], addrs[j] = addrs[j], addrs[i] })
-			e.addrs = addrs
-		}
+		e := unpublishedEntry{addrs: b.resolve(ctx, u.name, old.addrs), percent: old.percent}
 		if u.txt == "" {
 			e.percent = 1
 		} else if p, err := b.rolloutPercent(ctx, u.txt); err != nil {
