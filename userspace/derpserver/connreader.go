@@ -152,10 +152,11 @@ func (cr *connReader) tlsProbe() (idle bool, err error) {
 }
 
 // waitIdle parks until the TLS connection's socket is readable (or has an
-// error or EOF to report), outside crypto/tls, and notes how long it took.
+// error or EOF to report), outside crypto/tls, reads what arrived for
+// crypto/tls to take, and notes how long the wait took.
 func (cr *connReader) waitIdle() error {
 	start := monoNow()
-	err := waitReadable(cr.tls.rc, cr.park)
+	err := cr.tls.fill(cr.park)
 	cr.idleNs = monoNow() - start
 	return err
 }

@@ -64,23 +64,32 @@ func (cr *connReader) rawFill() error {
 	return nil
 }
 
-// waitReadable parks until the socket has data, an error or EOF to report,
-// without reading anything; park runs before parking. (The peek must come
-// first, for the same reason as in rawFill.)
-func waitReadable(rc syscall.RawConn, park func()) error {
-	var one [1]byte
-	return rc.Read(func(fd uintptr) bool {
-		for {
-			_, _, err := syscall.Recvfrom(int(fd), one[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-			switch err {
-			case syscall.EINTR:
-				continue
-			case syscall.EAGAIN:
-				park()
-				return false
-			}
-			return true
+// fill parks until the socket has data, an error or EOF to report, and
+// then reads what is there into a pooled chunk, which Read serves to
+// crypto/tls; park runs before parking, and no chunk is held while parked.
+// (The read must come first, for the same reason as in rawFill.) An error
+// or EOF is kept for Read to report.
+func (c *probeConn) fill(park func()) error {
+	return c.rc.Read(func(fd uintptr) bool {
+		if c.chunk == nil {
+			c.chunk = readChunkPool.Get().(*[]byte)
 		}
+		n, err := nbRead(fd, *c.chunk)
+		switch {
+		case err == syscall.EAGAIN:
+			c.dropChunk()
+			park()
+			return false
+		case err != nil:
+			c.dropChunk()
+			c.err = os.NewSyscallError("read", err)
+		case n == 0:
+			c.dropChunk()
+			c.err = io.EOF
+		default:
+			c.pre = (*c.chunk)[:n]
+		}
+		return true
 	})
 }
 

@@ -19,4 +19,4 @@ func rawWriteNow(syscall.RawConn, []byte) (int, error) { return 0, errors.ErrUns
 
 func rawWriteAll(syscall.RawConn, []byte) (int, error) { return 0, errors.ErrUnsupported }
 
-func waitReadable(syscall.RawConn, func()) error { return errors.ErrUnsupported }
+func (c *probeConn) fill(func()) error { return errors.ErrUnsupported }
