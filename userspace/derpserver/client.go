@@ -139,12 +139,17 @@ type sclient struct {
 	lastSrcEntry *keyEntry
 	deadlineSet  int64 // monoNow() when the write deadline was last moved; noDeadline if none is armed
 	// An inline write that the socket took only in part: the writer
-	// goroutine writes the rest of pending.frame()[pendingOff:] first.
+	// goroutine writes the rest of pending.frame()[pendingOff:] first, or
+	// over TLS (tlsPending) drains what tlsw kept.
 	pending    *packet
 	pendingOff int
+	tlsPending bool
 
-	rc  syscall.RawConn // raw socket for inline writes; nil if not a plain socket
-	tcp syscall.RawConn // TCP socket under the connection, for RTT samples; nil if none
+	rc syscall.RawConn // raw socket for inline writes; nil if not a plain socket
+	// tlsw: for inline writes through crypto/tls, the socket under a TLS
+	// connection from a TLSListener; nil otherwise.
+	tlsw *probeConn
+	tcp  syscall.RawConn // TCP socket under the connection, for RTT samples; nil if none
 	// tlsSlot is the Server.tlsConns slot counting this connection by TLS
 	// version, or -1 if it is not over TLS.
 	tlsSlot int8
@@ -328,7 +333,7 @@ func (c *sclient) handleSendPacket(cr *connReader, n uint32) error {
 	ls.dirty = true
 	p.src = c.key
 	p.srcEntry = c.entry
-	c.moreBuffered = cr.buffered() >= derp.FrameHeaderLen
+	c.moreBuffered = cr.moreBuffered()
 	c.route(dst, p, false)
 	return nil
 }
@@ -355,7 +360,7 @@ func (c *sclient) handleForwardPacket(cr *connReader, n uint32) error {
 	c.stats.dirty = true
 	p.src = src
 	p.srcEntry = nil
-	c.moreBuffered = cr.buffered() >= derp.FrameHeaderLen
+	c.moreBuffered = cr.moreBuffered()
 	c.route(dst, p, true)
 	return nil
 }
@@ -541,14 +546,9 @@ func (c *sclient) takePacketsLocked(dst []*packet) []*packet {
 // receiver completes, and never blocks it.
 func (c *sclient) enqueuePacket(p *packet, from *sclient) {
 	p.enq = monoNow()
-	depth := c.s.opts.QueueDepth
-	ring := &c.data
-	if p.disco {
-		depth = c.s.opts.DiscoQueueDepth
-		ring = &c.disco
-	}
+	ring, depth := c.ringFor(p)
 	c.mu.Lock()
-	if !c.s.opts.DisableInlineWrites && !from.moreBuffered && c.rc != nil && !c.writerRunning && !c.closed && c.idleLocked() {
+	if !c.s.opts.DisableInlineWrites && !from.moreBuffered && (c.rc != nil || c.tlsw != nil) && !c.writerRunning && !c.closed && c.idleLocked() {
 		// Nothing queued, no writer, and the sender has no further frame
 		// buffered (a burst is better batched by a writer goroutine):
 		// write it from here, saving the hand-off to a writer goroutine
@@ -591,6 +591,14 @@ func (c *sclient) enqueuePacket(p *packet, from *sclient) {
 	c.startOrWake(start, wake)
 }
 
+// ringFor returns the queue for p and its depth.
+func (c *sclient) ringFor(p *packet) (*pktRing, int) {
+	if p.disco {
+		return &c.disco, c.s.opts.DiscoQueueDepth
+	}
+	return &c.data, c.s.opts.QueueDepth
+}
+
 // idleLocked reports whether nothing at all is queued.
 func (c *sclient) idleLocked() bool {
 	return c.data.n == 0 && c.disco.n == 0 && len(c.ctrl) == 0 && !c.pongPending && !c.keepAliveDue && !c.closeAfter
@@ -600,6 +608,10 @@ func (c *sclient) idleLocked() bool {
 // the writer role (writerRunning), without waiting: what the socket does
 // not take at once is left to a writer goroutine.
 func (c *sclient) writeInline(p *packet, from *sclient) {
+	if c.tlsw != nil {
+		c.writeInlineTLS(p, from)
+		return
+	}
 	c.noteSrc(p)
 	frame := p.frame()
 	n, err := rawWriteNow(c.rc, frame)
@@ -616,8 +628,49 @@ func (c *sclient) writeInline(p *packet, from *sclient) {
 	} else {
 		c.pending, c.pendingOff = p, n
 	}
+	c.endInline(from)
+}
+
+// writeInlineTLS is writeInline over TLS: crypto/tls seals the frame into
+// a record, and the socket under it takes what it can at once; the rest
+// of the record is left for a writer goroutine to drain. If a write under
+// crypto/tls is already waiting for socket space (crypto/tls answering a
+// key update), the packet is queued instead.
+func (c *sclient) writeInlineTLS(p *packet, from *sclient) {
+	if !c.tlsw.beginNonblock() {
+		ring, depth := c.ringFor(p)
+		c.mu.Lock()
+		old := ring.push(p, depth)
+		c.mu.Unlock()
+		if old != nil {
+			from.stats.drop(dropQueueHead, old.disco, len(old.data))
+			putPacket(old)
+		}
+		c.endInline(from)
+		return
+	}
+	c.noteSrc(p)
+	_, err := c.conn.Write(p.frame())
+	c.tlsPending = c.tlsw.endNonblock()
+	if err == nil {
+		from.stats.sentPackets++
+		from.stats.sentBytes += uint64(len(p.data))
+		from.stats.dirty = true
+	} else {
+		from.stats.drop(dropWriteError, p.disco, len(p.data))
+		c.closeReason.CompareAndSwap(nil, &crWriteErrorStr)
+		c.closeConn()
+	}
+	putPacket(p)
+	c.endInline(from)
+}
+
+// endInline gives up the writer role after an inline write, or hands it
+// to a writer goroutine if part of the write is left or others queued
+// meanwhile.
+func (c *sclient) endInline(from *sclient) {
 	c.mu.Lock()
-	if c.pending == nil && (c.closed || c.idleLocked()) {
+	if c.pending == nil && !c.tlsPending && (c.closed || c.idleLocked()) {
 		var drops []*packet
 		if c.closed {
 			drops = c.takePacketsLocked(nil)
@@ -801,27 +854,34 @@ func (c *sclient) writeLoop() {
 		}
 	}()
 
-	if p := c.pending; p != nil {
-		c.pending = nil
-		frame := p.frame()[c.pendingOff:]
+	// The rest of an inline write first.
+	if c.pending != nil || c.tlsPending {
 		if wt := c.writeTimeout(); wt > 0 {
 			now := time.Now()
 			c.conn.SetWriteDeadline(now.Add(wt))
 			c.deadlineSet = monoAt(now)
 		}
-		if _, err := c.write(frame); err != nil {
-			s.m.recordDrop(dropWriteError, p.data)
-			failed = err
-			if errors.Is(err, os.ErrDeadlineExceeded) {
+		if p := c.pending; p != nil {
+			c.pending = nil
+			if _, failed = c.write(p.frame()[c.pendingOff:]); failed != nil {
+				s.m.recordDrop(dropWriteError, p.data)
+			} else {
+				s.m.packetsSent.Inc()
+				s.m.bytesSent.Add(uint64(len(p.data)))
+			}
+			putPacket(p)
+		} else {
+			// The packet was counted as sent when crypto/tls took it.
+			c.tlsPending = false
+			failed = c.tlsw.drain()
+		}
+		if failed != nil {
+			if errors.Is(failed, os.ErrDeadlineExceeded) {
 				s.m.writeTimeouts.Inc()
 			}
 			c.closeReason.CompareAndSwap(nil, &crWriteErrorStr)
 			c.closeConn()
-		} else {
-			s.m.packetsSent.Inc()
-			s.m.bytesSent.Add(uint64(len(p.data)))
 		}
-		putPacket(p)
 	}
 	for {
 		c.mu.Lock()

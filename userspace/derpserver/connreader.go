@@ -6,6 +6,8 @@ import (
 	"math"
 	"net"
 	"syscall"
+
+	"github.com/xderp/xderp/userspace/derp"
 )
 
 // connReader parses the DERP stream of one connection. It reads into pooled
@@ -69,6 +71,14 @@ func (cr *connReader) release() {
 }
 
 func (cr *connReader) buffered() int { return cr.w - cr.r }
+
+// moreBuffered reports whether another frame has (at least in part)
+// arrived: its header is in the chunk, or, over TLS, bytes of a further
+// record have been read (crypto/tls holds one record at most, and readMore
+// takes the rest of its plaintext into the chunk whole when it fits).
+func (cr *connReader) moreBuffered() bool {
+	return cr.buffered() >= derp.FrameHeaderLen || cr.tls != nil && cr.tls.more()
+}
 
 // readMore reads at least one more byte into the chunk.
 func (cr *connReader) readMore() error {

@@ -65,29 +65,28 @@ func (cr *connReader) rawFill() error {
 }
 
 // fill parks until the socket has data, an error or EOF to report, and
-// then reads what is there into a pooled chunk, which Read serves to
-// crypto/tls; park runs before parking, and no chunk is held while parked.
-// (The read must come first, for the same reason as in rawFill.) An error
-// or EOF is kept for Read to report.
+// then reads what is there into the probeConn's chunk, from which Read
+// serves crypto/tls; park runs before parking. (The read must come first,
+// for the same reason as in rawFill.) An error or EOF is kept for Read to
+// report. A chunk is held while parked only if part of a record header
+// has arrived.
 func (c *probeConn) fill(park func()) error {
 	return c.rc.Read(func(fd uintptr) bool {
-		if c.chunk == nil {
-			c.chunk = readChunkPool.Get().(*[]byte)
+		n, err := nbRead(fd, c.room())
+		if n > 0 {
+			c.w += n
 		}
-		n, err := nbRead(fd, *c.chunk)
+		if c.r == c.w {
+			c.dropChunk()
+		}
 		switch {
 		case err == syscall.EAGAIN:
-			c.dropChunk()
 			park()
 			return false
 		case err != nil:
-			c.dropChunk()
 			c.err = os.NewSyscallError("read", err)
 		case n == 0:
-			c.dropChunk()
 			c.err = io.EOF
-		default:
-			c.pre = (*c.chunk)[:n]
 		}
 		return true
 	})

@@ -238,6 +238,7 @@ func (s *Server) handshake(ctx context.Context, nc net.Conn, br *bufio.Reader, f
 		// Until serveConn has written ServerInfo (see there).
 		writerRunning: true,
 		rc:            rawConnOf(nc),
+		tlsw:          tlsProbeOf(nc),
 		tlsSlot:       -1,
 	}
 	c.flags = presentFlags(mesh, info.IsProber, notIdeal)

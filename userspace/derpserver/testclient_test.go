@@ -4,11 +4,13 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
@@ -24,9 +26,20 @@ type testServer struct {
 	s    *Server
 	addr string
 	reg  *metrics.Registry
+	tls  bool // served over TLS from a TLSListener (newTLSTestServer)
 }
 
 func newTestServer(t testing.TB, opts Options) *testServer {
+	return startTestServer(t, opts, false)
+}
+
+// newTLSTestServer is newTestServer over TLS (httptest's self-signed
+// certificate) through a TLSListener, as the daemon serves.
+func newTLSTestServer(t testing.TB, opts Options) *testServer {
+	return startTestServer(t, opts, true)
+}
+
+func startTestServer(t testing.TB, opts Options, overTLS bool) *testServer {
 	t.Helper()
 	if opts.PrivateKey.IsZero() {
 		k, err := derp.NewPrivateKey()
@@ -42,19 +55,41 @@ func newTestServer(t testing.TB, opts Options) *testServer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	mux := http.NewServeMux()
 	mux.Handle("/derp", s)
-	hs := &http.Server{Handler: mux}
-	go hs.Serve(ln)
+	hs := httptest.NewUnstartedServer(mux)
+	if overTLS {
+		hs.Listener = TLSListener(hs.Listener)
+		hs.StartTLS()
+	} else {
+		hs.Start()
+	}
 	t.Cleanup(func() {
 		hs.Close()
 		s.Close()
 	})
-	return &testServer{t: t, s: s, addr: ln.Addr().String(), reg: opts.Metrics}
+	return &testServer{t: t, s: s, addr: hs.Listener.Addr().String(), reg: opts.Metrics, tls: overTLS}
+}
+
+// wrap returns conn, a TCP connection to the server, ready for the DERP
+// upgrade: over TLS for a TLS server.
+func (ts *testServer) wrap(conn net.Conn) net.Conn {
+	if !ts.tls {
+		return conn
+	}
+	tc := tls.Client(conn, &tls.Config{InsecureSkipVerify: true})
+	ts.t.Cleanup(func() { tc.Close() })
+	return tc
+}
+
+// client connects a test client to the server.
+func (ts *testServer) client(o clientOpts) *testClient {
+	ts.t.Helper()
+	c, err := handshakeClient(ts.t, ts.wrap(dialRaw(ts.t, ts.addr)), o)
+	if err != nil {
+		ts.t.Fatal(err)
+	}
+	return c
 }
 
 // metric returns the value of one sample line of the Prometheus text.

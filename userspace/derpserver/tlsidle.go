@@ -2,7 +2,9 @@ package derpserver
 
 import (
 	"crypto/tls"
+	"io"
 	"net"
+	"sync"
 	"syscall"
 )
 
@@ -37,47 +39,193 @@ func (l probeListener) Accept() (net.Conn, error) {
 	return c, nil
 }
 
-// probeConn is the TCP connection under a *tls.Conn. Read first serves
-// what fill read ahead. While probing is set (only by the connection's
-// reader, around its own tls.Conn.Read call), Read then fails at once with
-// errNoRecord instead of reading the socket. crypto/tls passes a temporary
-// net.Error through without recording it, so the connection stays usable.
-// Only the connection's reader calls fill, and Read (through tls.Conn.Read).
+// probeConn is the TCP connection under a *tls.Conn.
+//
+// Reading: everything read from the socket goes through a pooled chunk
+// (pre), and Read hands crypto/tls at most the rest of the TLS record the
+// next byte belongs to, never bytes of the record after it. So crypto/tls
+// never holds more than one record, and whatever else has arrived is in
+// pre, where the relay can see it (more). While probing is set (only by
+// the connection's reader, around its own tls.Conn.Read call), Read fails
+// at once with errNoRecord instead of reading the socket; crypto/tls
+// passes a temporary net.Error through without recording it, so the
+// connection stays usable. Only one goroutine reads at a time: the TLS
+// handshake and net/http before the connection is hijacked, then the
+// connection's reader, which alone calls fill.
+//
+// Writing: between beginNonblock and endNonblock, Write never waits for
+// socket space: what the socket does not take at once is kept (wpend) and
+// written before anything else, by drain or by the next Write. The relay
+// uses that to write a packet from the sender's goroutine through
+// crypto/tls (sclient.writeInline) as it does on plain sockets.
 type probeConn struct {
 	net.Conn
 	rc      syscall.RawConn
 	probing bool
 
-	chunk *[]byte // pooled buffer behind pre; nil when nothing is read ahead
-	pre   []byte  // read by fill, not yet taken by crypto/tls
-	err   error   // what the read in fill reported (then pre is empty)
+	chunk *[]byte // read buffer; nil when nothing is read ahead
+	r, w  int     // pre is (*chunk)[r:w]
+	left  int     // bytes of the current record not yet passed on; 0 at a record boundary
+	err   error   // what a read in fill reported, for Read to return
+
+	wmu      sync.Mutex
+	nonblock bool   // guarded by wmu
+	wpend    []byte // guarded by wmu: record bytes accepted but not yet written
 }
+
+// tlsRecordHeaderLen is the length of a TLS record header (type, version,
+// length).
+const tlsRecordHeaderLen = 5
 
 func (c *probeConn) Read(p []byte) (int, error) {
-	if len(c.pre) > 0 {
-		n := copy(p, c.pre)
-		c.pre = c.pre[n:]
-		if len(c.pre) == 0 {
-			c.dropChunk()
+	if len(p) == 0 {
+		return 0, nil
+	}
+	for {
+		if n := c.take(p); n > 0 {
+			return n, nil
 		}
-		return n, nil
+		if err := c.err; err != nil {
+			c.err = nil
+			return 0, err
+		}
+		if c.probing {
+			return 0, errNoRecord
+		}
+		if err := c.readMore(); err != nil {
+			return 0, err
+		}
 	}
-	if err := c.err; err != nil {
-		c.err = nil
-		return 0, err
-	}
-	if c.probing {
-		return 0, errNoRecord
-	}
-	return c.Conn.Read(p)
 }
 
-// dropChunk gives the read-ahead buffer back to the pool.
+// take moves bytes of the current record from pre to p. At a record
+// boundary it waits (returns 0) until the whole next header is in pre.
+func (c *probeConn) take(p []byte) int {
+	pre := c.pre()
+	if c.left == 0 {
+		if len(pre) < tlsRecordHeaderLen {
+			return 0
+		}
+		c.left = tlsRecordHeaderLen + (int(pre[3])<<8 | int(pre[4]))
+	}
+	n := copy(p[:min(len(p), c.left)], pre)
+	c.r += n
+	c.left -= n
+	if c.r == c.w {
+		c.dropChunk()
+	}
+	return n
+}
+
+// pre returns what has been read ahead and not yet passed on.
+func (c *probeConn) pre() []byte {
+	if c.chunk == nil {
+		return nil
+	}
+	return (*c.chunk)[c.r:c.w]
+}
+
+// more reports whether bytes beyond what crypto/tls holds have been read.
+func (c *probeConn) more() bool { return c.r < c.w }
+
+// room returns the chunk's free space after pre, taking a chunk or moving
+// pre to the front as needed.
+func (c *probeConn) room() []byte {
+	if c.chunk == nil {
+		c.chunk = readChunkPool.Get().(*[]byte)
+		c.r, c.w = 0, 0
+	} else if c.w == len(*c.chunk) {
+		c.w = copy(*c.chunk, (*c.chunk)[c.r:c.w])
+		c.r = 0
+	}
+	return (*c.chunk)[c.w:]
+}
+
+// readMore reads from the socket into the chunk, waiting for data.
+func (c *probeConn) readMore() error {
+	n, err := c.Conn.Read(c.room())
+	c.w += n
+	if c.r == c.w {
+		c.dropChunk()
+	}
+	if n > 0 {
+		return nil
+	}
+	if err == nil {
+		err = io.ErrNoProgress
+	}
+	return err
+}
+
+// dropChunk gives the read buffer back to the pool; only valid when
+// nothing is read ahead.
 func (c *probeConn) dropChunk() {
 	if c.chunk != nil {
 		readChunkPool.Put(c.chunk)
 	}
-	c.chunk, c.pre = nil, nil
+	c.chunk, c.r, c.w = nil, 0, 0
+}
+
+func (c *probeConn) Write(p []byte) (int, error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.nonblock {
+		n := 0
+		if len(c.wpend) == 0 {
+			var err error
+			n, err = rawWriteNow(c.rc, p)
+			if err != nil && err != syscall.EAGAIN {
+				return n, err
+			}
+		}
+		c.wpend = append(c.wpend, p[n:]...)
+		return len(p), nil
+	}
+	if err := c.drainLocked(); err != nil {
+		return 0, err
+	}
+	return c.Conn.Write(p)
+}
+
+// beginNonblock makes Writes take what the socket does not at once. It
+// fails, changing nothing, if a Write is waiting for socket space.
+func (c *probeConn) beginNonblock() bool {
+	if !c.wmu.TryLock() {
+		return false
+	}
+	c.nonblock = true
+	c.wmu.Unlock()
+	return true
+}
+
+// endNonblock ends what beginNonblock began and reports whether bytes
+// are left for drain.
+func (c *probeConn) endNonblock() (pending bool) {
+	c.wmu.Lock()
+	c.nonblock = false
+	pending = len(c.wpend) > 0
+	c.wmu.Unlock()
+	return pending
+}
+
+// drain writes what Writes left, waiting for socket space (under the
+// connection's write deadline).
+func (c *probeConn) drain() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	return c.drainLocked()
+}
+
+func (c *probeConn) drainLocked() error {
+	for len(c.wpend) > 0 {
+		n, err := c.Conn.Write(c.wpend)
+		c.wpend = c.wpend[n:]
+		if err != nil {
+			return err
+		}
+	}
+	c.wpend = nil
+	return nil
 }
 
 var errNoRecord error = noRecordError{}

@@ -154,3 +154,72 @@ func TestTLSIdleReader(t *testing.T) {
 		})
 	}
 }
+
+// TestProbeConnOneRecordAtATime: the socket under a TLS connection hands
+// crypto/tls one record at a time, so records that arrived together wait
+// in the probeConn, where more sees them.
+func TestProbeConnOneRecordAtATime(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	pl := TLSListener(ln)
+	cert := httptest.NewTLSServer(nil) // for its certificate
+	cert.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := pl.Accept()
+		if err != nil {
+			close(accepted)
+			return
+		}
+		accepted <- c
+	}()
+	raw, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	held := &heldConn{Conn: raw}
+	client := tls.Client(held, &tls.Config{InsecureSkipVerify: true})
+	defer client.Close()
+	sc, ok := <-accepted
+	if !ok {
+		t.Fatal("accept failed")
+	}
+	server := tls.Server(sc, cert.TLS)
+	defer server.Close()
+	errc := make(chan error, 1)
+	go func() { errc <- client.Handshake() }()
+	if err := server.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	pc := tlsProbeOf(server)
+	if pc == nil {
+		t.Fatal("no probeConn under the server's connection")
+	}
+	// Three records in one segment.
+	want := [][]byte{randBytes(100), randBytes(900), randBytes(7)} // one record each
+	held.hold()
+	for _, p := range want {
+		if _, err := client.Write(p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := held.release(); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 1<<16)
+	for i, p := range want {
+		n, err := server.Read(buf)
+		if err != nil || !bytes.Equal(buf[:n], p) {
+			t.Fatalf("record %d: %d bytes, %v", i, n, err)
+		}
+		if more := i < len(want)-1; pc.more() != more {
+			t.Fatalf("after record %d: more() = %v, want %v", i, pc.more(), more)
+		}
+	}
+}
