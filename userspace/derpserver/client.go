@@ -628,7 +628,7 @@ func (c *sclient) writeInline(p *packet, from *sclient) {
 	} else {
 		c.pending, c.pendingOff = p, n
 	}
-	c.endInline(from)
+	c.endInline()
 }
 
 // writeInlineTLS is writeInline over TLS: crypto/tls seals the frame into
@@ -646,7 +646,7 @@ func (c *sclient) writeInlineTLS(p *packet, from *sclient) {
 			from.stats.drop(dropQueueHead, old.disco, len(old.data))
 			putPacket(old)
 		}
-		c.endInline(from)
+		c.endInline()
 		return
 	}
 	c.noteSrc(p)
@@ -662,13 +662,13 @@ func (c *sclient) writeInlineTLS(p *packet, from *sclient) {
 		c.closeConn()
 	}
 	putPacket(p)
-	c.endInline(from)
+	c.endInline()
 }
 
 // endInline gives up the writer role after an inline write, or hands it
 // to a writer goroutine if part of the write is left or others queued
 // meanwhile.
-func (c *sclient) endInline(from *sclient) {
+func (c *sclient) endInline() {
 	c.mu.Lock()
 	if c.pending == nil && !c.tlsPending && (c.closed || c.idleLocked()) {
 		var drops []*packet
