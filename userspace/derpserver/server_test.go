@@ -648,22 +648,12 @@ func TestOverPipe(t *testing.T) {
 // still arrive once, whole, in order; over TLS, every record must also
 // still decrypt.
 func TestInlineWritesKeepOrder(t *testing.T) {
-	t.Run("plain", func(t *testing.T) {
-		testInlineWritesKeepOrder(t, newTestServer(t, Options{WriteTimeout: 20 * time.Second, QueueDepth: 1024}))
-	})
-	t.Run("tls", func(t *testing.T) {
-		testInlineWritesKeepOrder(t, newTLSTestServer(t, Options{WriteTimeout: 20 * time.Second, QueueDepth: 1024}))
-	})
+	eachTransport(t, Options{WriteTimeout: 20 * time.Second, QueueDepth: 1024}, testInlineWritesKeepOrder)
 }
 
 func testInlineWritesKeepOrder(t *testing.T, ts *testServer) {
 	sender := ts.client(clientOpts{})
-	rconn := dialRaw(t, ts.addr)
-	rconn.(*net.TCPConn).SetReadBuffer(32 << 10)
-	recv, err := handshakeClient(t, ts.wrap(rconn), clientOpts{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	recv := ts.clientWithReadBuffer(32 << 10)
 	size := func(i int) int {
 		if i < 10 {
 			return 1200
@@ -724,48 +714,36 @@ func testInlineWritesKeepOrder(t *testing.T, ts *testServer) {
 // takes only in part, with nothing queued after it, must still be finished
 // by the writer goroutine it hands over to.
 func TestInlineWriteRestAlone(t *testing.T) {
-	for _, tr := range []string{"plain", "tls"} {
-		t.Run(tr, func(t *testing.T) {
-			opts := Options{WriteTimeout: 20 * time.Second}
-			ts := newTestServer(t, opts)
-			if tr == "tls" {
-				ts = newTLSTestServer(t, opts)
+	eachTransport(t, Options{WriteTimeout: 20 * time.Second}, func(t *testing.T, ts *testServer) {
+		sender := ts.client(clientOpts{})
+		recv := ts.clientWithReadBuffer(32 << 10)
+		// Settle any writer a packet racing the handshake started.
+		sender.send(recv.pub, []byte("first"))
+		recv.recvPacket()
+		ts.waitMetric("xderp_writers_active", func(v float64) bool { return v == 0 })
+		starts := ts.metric("xderp_writer_starts_total")
+		inline := ts.metric("xderp_inline_writes_total")
+		// The receiver does not read: send one packet at a time, each
+		// written inline, until one is cut short.
+		pkt := func(i int) []byte { p := randBytes(derp.MaxPacketSize); p[0] = byte(i); return p }
+		var sent [][]byte
+		for i := 0; ts.metric("xderp_writer_starts_total") == starts; i++ {
+			if i == 100 {
+				t.Fatal("100 packets of 64 KiB never filled the socket")
 			}
-			sender := ts.client(clientOpts{})
-			rconn := dialRaw(t, ts.addr)
-			rconn.(*net.TCPConn).SetReadBuffer(32 << 10)
-			recv, err := handshakeClient(t, ts.wrap(rconn), clientOpts{})
-			if err != nil {
-				t.Fatal(err)
+			sent = append(sent, pkt(i))
+			sender.send(recv.pub, sent[i])
+			// Done with it: written inline, or cut short and handed over.
+			ts.waitMetric("xderp_inline_writes_total", func(v float64) bool {
+				return v == inline+float64(i+1) || ts.metric("xderp_writer_starts_total") > starts
+			})
+		}
+		for i, want := range sent {
+			if _, got := recv.recvPacket(); !bytes.Equal(got, want) {
+				t.Fatalf("packet %d of %d differs", i, len(sent))
 			}
-			// Settle any writer a packet racing the handshake started.
-			sender.send(recv.pub, []byte("first"))
-			recv.recvPacket()
-			ts.waitMetric("xderp_writers_active", func(v float64) bool { return v == 0 })
-			starts := ts.metric("xderp_writer_starts_total")
-			inline := ts.metric("xderp_inline_writes_total")
-			// The receiver does not read: send one packet at a time, each
-			// written inline, until one is cut short.
-			pkt := func(i int) []byte { p := randBytes(derp.MaxPacketSize); p[0] = byte(i); return p }
-			var sent [][]byte
-			for i := 0; ts.metric("xderp_writer_starts_total") == starts; i++ {
-				if i == 100 {
-					t.Fatal("100 packets of 64 KiB never filled the socket")
-				}
-				sent = append(sent, pkt(i))
-				sender.send(recv.pub, sent[i])
-
-				ts.waitMetric("xderp_writer_starts_total", func(float64) bool {
-					return ts.metric("xderp_writer_starts_total") > starts || ts.metric("xderp_inline_writes_total") == inline+float64(i+1)
-				})
-			}
-			for i, want := range sent {
-				if _, got := recv.recvPacket(); !bytes.Equal(got, want) {
-					t.Fatalf("packet %d of %d differs", i, len(sent))
-				}
-			}
-		})
-	}
+		}
+	})
 }
 
 // TestOverTLS runs two clients over TLS (the production transport), which

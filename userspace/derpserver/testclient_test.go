@@ -82,6 +82,25 @@ func (ts *testServer) wrap(conn net.Conn) net.Conn {
 	return tc
 }
 
+// eachTransport runs f against a fresh server over plain HTTP and over TLS.
+func eachTransport(t *testing.T, opts Options, f func(*testing.T, *testServer)) {
+	t.Run("plain", func(t *testing.T) { f(t, newTestServer(t, opts)) })
+	t.Run("tls", func(t *testing.T) { f(t, newTLSTestServer(t, opts)) })
+}
+
+// clientWithReadBuffer connects a test client whose socket receive
+// buffer is n bytes, so that the server's writes to it stall early.
+func (ts *testServer) clientWithReadBuffer(n int) *testClient {
+	ts.t.Helper()
+	conn := dialRaw(ts.t, ts.addr)
+	conn.(*net.TCPConn).SetReadBuffer(n)
+	c, err := handshakeClient(ts.t, ts.wrap(conn), clientOpts{})
+	if err != nil {
+		ts.t.Fatal(err)
+	}
+	return c
+}
+
 // client connects a test client to the server.
 func (ts *testServer) client(o clientOpts) *testClient {
 	ts.t.Helper()
