@@ -720,6 +720,9 @@ func TestInlineWriteRestAlone(t *testing.T) {
 		// Settle any writer a packet racing the handshake started.
 		sender.send(recv.pub, []byte("first"))
 		recv.recvPacket()
+		// The sender's reader counts an inline write when it next parks,
+		// which can be after recv has the packet: wait for the count.
+		ts.waitMetric("derp_packets_sent", func(v float64) bool { return v == 1 })
 		ts.waitMetric("xderp_writers_active", func(v float64) bool { return v == 0 })
 		starts := ts.metric("xderp_writer_starts_total")
 		inline := ts.metric("xderp_inline_writes_total")
