@@ -327,12 +327,7 @@ func TestSlowReceiverDoesNotBlockSender(t *testing.T) {
 	fast := newClient(t, ts.addr, clientOpts{})
 	// The slow receiver never reads; shrink its socket buffer so the
 	// server's writes stall quickly.
-	slowConn := dialRaw(t, ts.addr)
-	slowConn.(*net.TCPConn).SetReadBuffer(4096)
-	slow, err := handshakeClient(t, slowConn, clientOpts{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	slow := ts.clientWithReadBuffer(4096)
 	pkt := randBytes(1200)
 	frame := derp.AppendSendPacket(nil, slow.pub, pkt)
 	var burst []byte
